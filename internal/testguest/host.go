@@ -1,0 +1,156 @@
+// Package testguest boots real Linux test guests under libvirt for hvpatch's
+// integration tests, runs commands inside them over a serial shell, and
+// exposes the guest's own view (/proc/kallsyms, ps, /proc/modules) as ground
+// truth for what hvpatch recovers from the outside.
+//
+// The guests are transient libvirt domains with memfd-backed shared RAM, a
+// console on ttyS0 written to a file, and a root shell on ttyS1 behind a unix
+// socket. Their kernels and initramfs come from testdata/guest/build.sh.
+package testguest
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	libvirt "github.com/digitalocean/go-libvirt"
+	"github.com/digitalocean/go-libvirt/socket/dialers"
+)
+
+// Kernel is one guest kernel built by testdata/guest/build.sh.
+type Kernel struct {
+	Series  string // "6.1" or "6.12"
+	Release string // uname -r inside the guest
+	Dir     string // holds vmlinuz, vmlinux, config, modules/
+}
+
+func (k Kernel) Vmlinuz() string { return filepath.Join(k.Dir, "vmlinuz") }
+
+// Vmlinux is the uncompressed (stripped) kernel ELF from the same package.
+func (k Kernel) Vmlinux() string { return filepath.Join(k.Dir, "vmlinux") }
+
+var (
+	prepareOnce sync.Once
+	prepareErr  error
+	repoRoot    string
+)
+
+// RepoRoot is the directory holding hvpatch's go.mod.
+func RepoRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", fmt.Errorf("testguest: no go.mod above the working directory")
+		}
+		dir = parent
+	}
+}
+
+// CacheDir is where the guest builder puts kernels and the initramfs.
+func CacheDir() (string, error) {
+	if d := os.Getenv("HVPATCH_GUEST_CACHE"); d != "" {
+		return d, nil
+	}
+	root, err := RepoRoot()
+	if err != nil {
+		return "", err
+	}
+	return filepath.Join(root, ".cache", "guest"), nil
+}
+
+// prepareHost runs the idempotent host set-up (packages, qemu.conf, daemons)
+// and the guest builder once per test process.
+func prepareHost() error {
+	prepareOnce.Do(func() {
+		root, err := RepoRoot()
+		if err != nil {
+			prepareErr = err
+			return
+		}
+		repoRoot = root
+		for _, script := range []string{"testdata/host-setup.sh", "testdata/guest/build.sh"} {
+			cmd := exec.Command("bash", filepath.Join(root, script))
+			cmd.Dir = root
+			out, err := cmd.CombinedOutput()
+			if err != nil {
+				prepareErr = fmt.Errorf("testguest: %s failed: %v\n%s", script, err, out)
+				return
+			}
+		}
+	})
+	return prepareErr
+}
+
+// Kernels lists the built guest kernels, building them first if needed.
+func Kernels() ([]Kernel, error) {
+	if err := prepareHost(); err != nil {
+		return nil, err
+	}
+	cache, err := CacheDir()
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.Open(filepath.Join(cache, "kernels.txt"))
+	if err != nil {
+		return nil, fmt.Errorf("testguest: guest kernels not built (run testdata/guest/build.sh): %w", err)
+	}
+	defer f.Close()
+	var ks []Kernel
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) != 2 {
+			continue
+		}
+		ks = append(ks, Kernel{Series: fields[0], Release: fields[1], Dir: filepath.Join(cache, "kernels", fields[1])})
+	}
+	if len(ks) == 0 {
+		return nil, fmt.Errorf("testguest: %s lists no kernels", f.Name())
+	}
+	return ks, nil
+}
+
+// KernelSeries returns the built kernel of one series ("6.1", "6.12").
+func KernelSeries(series string) (Kernel, error) {
+	ks, err := Kernels()
+	if err != nil {
+		return Kernel{}, err
+	}
+	for _, k := range ks {
+		if k.Series == series {
+			return k, nil
+		}
+	}
+	return Kernel{}, fmt.Errorf("testguest: no kernel of series %s built", series)
+}
+
+// LibvirtSocket is the libvirtd socket the tests use.
+func LibvirtSocket() string {
+	if s := os.Getenv("HVPATCH_LIBVIRT_SOCKET"); s != "" {
+		return s
+	}
+	return "/run/libvirt/libvirt-sock"
+}
+
+// connect opens a libvirt connection to the local qemu:///system driver.
+func connect() (*libvirt.Libvirt, error) {
+	l := libvirt.NewWithDialer(dialers.NewLocal(
+		dialers.WithSocket(LibvirtSocket()),
+		dialers.WithLocalTimeout(5*time.Second)))
+	if err := l.Connect(); err != nil {
+		return nil, fmt.Errorf("testguest: connecting to libvirtd at %s: %w", LibvirtSocket(), err)
+	}
+	return l, nil
+}
