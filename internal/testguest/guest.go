@@ -64,6 +64,9 @@ var nameCounter struct {
 // cleanup the console is checked: any oops, BUG or panic fails the test.
 func Start(tb testing.TB, opt Options) *Guest {
 	tb.Helper()
+	if testing.Short() {
+		tb.Skip("boots a guest: not run with -short (make unit); make test runs it")
+	}
 	g, err := start(tb, opt)
 	if err != nil {
 		tb.Fatalf("testguest: %v", err)
