@@ -1,0 +1,186 @@
+// Package daemon is hvpatchd: it keeps declared patches applied to the
+// guests beside it, serves hvpatch's API on a unix socket, and exports
+// metrics.
+package daemon
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/pflag"
+	"github.com/spf13/viper"
+)
+
+// Config is hvpatchd's configuration. Sources, weakest first: built-in
+// defaults, the YAML file (configs/hvpatchd.yaml documents every key),
+// HVPATCHD_* environment variables (HVPATCHD_API_SOCKET for api.socket),
+// then command-line flags.
+type Config struct {
+	Libvirt struct {
+		URI     string        `mapstructure:"uri"`
+		Socket  string        `mapstructure:"socket"`
+		Timeout time.Duration `mapstructure:"timeout"`
+	} `mapstructure:"libvirt"`
+	StateDir string `mapstructure:"state_dir"`
+	PatchDir string `mapstructure:"patch_dir"`
+	API      struct {
+		Socket string `mapstructure:"socket"`
+		Mode   string `mapstructure:"mode"`
+		Owner  string `mapstructure:"owner"`
+		Group  string `mapstructure:"group"`
+		TCP    struct {
+			Addr         string `mapstructure:"addr"`
+			CertFile     string `mapstructure:"cert_file"`
+			KeyFile      string `mapstructure:"key_file"`
+			ClientCAFile string `mapstructure:"client_ca_file"`
+		} `mapstructure:"tcp"`
+	} `mapstructure:"api"`
+	Metrics struct {
+		Addr string `mapstructure:"addr"`
+	} `mapstructure:"metrics"`
+	Writer  string `mapstructure:"writer"`
+	Signing struct {
+		RequireSigned bool     `mapstructure:"require_signed"`
+		TrustedKeys   []string `mapstructure:"trusted_keys"`
+	} `mapstructure:"signing"`
+	Reconcile struct {
+		Interval   time.Duration `mapstructure:"interval"`
+		MaxBackoff time.Duration `mapstructure:"max_backoff"`
+	} `mapstructure:"reconcile"`
+	Log struct {
+		Format string `mapstructure:"format"`
+		Level  string `mapstructure:"level"`
+	} `mapstructure:"log"`
+}
+
+// DefaultConfigFile is where hvpatchd looks when --config is not given.
+const DefaultConfigFile = "/etc/hvpatch/hvpatchd.yaml"
+
+func setDefaults(v *viper.Viper) {
+	v.SetDefault("libvirt.uri", "qemu:///system")
+	v.SetDefault("libvirt.socket", "/run/libvirt/libvirt-sock")
+	v.SetDefault("libvirt.timeout", 10*time.Second)
+	v.SetDefault("state_dir", "/var/lib/hvpatch")
+	v.SetDefault("patch_dir", "/etc/hvpatch/patches")
+	v.SetDefault("api.socket", "/run/hvpatch/hvpatchd.sock")
+	v.SetDefault("api.mode", "0660")
+	v.SetDefault("api.owner", "root")
+	v.SetDefault("api.group", "root")
+	v.SetDefault("api.tcp.addr", "")
+	v.SetDefault("metrics.addr", "")
+	v.SetDefault("writer", "auto")
+	v.SetDefault("signing.require_signed", false)
+	v.SetDefault("signing.trusted_keys", []string{"/etc/hvpatch/keys"})
+	v.SetDefault("reconcile.interval", 30*time.Second)
+	v.SetDefault("reconcile.max_backoff", 10*time.Minute)
+	v.SetDefault("log.format", "text")
+	v.SetDefault("log.level", "info")
+}
+
+// Flags declares the command-line overrides; LoadConfig reads them.
+func Flags(fs *pflag.FlagSet) {
+	fs.String("config", "", "configuration file (default "+DefaultConfigFile+" when it exists)")
+	fs.String("state-dir", "", "journal and lock directory")
+	fs.String("patch-dir", "", "directory of declared patch files")
+	fs.String("api-socket", "", "unix socket for the API")
+	fs.String("metrics-addr", "", "TCP address for Prometheus metrics (empty: only on the API socket)")
+	fs.String("writer", "", "code writer: auto, gdbstub, direct, direct+suspend")
+	fs.String("log-format", "", "text or json")
+	fs.String("log-level", "", "debug, info, warn, error")
+	fs.Bool("require-signed", false, "refuse patches without a valid signature")
+}
+
+var flagKeys = map[string]string{
+	"state-dir": "state_dir", "patch-dir": "patch_dir", "api-socket": "api.socket",
+	"metrics-addr": "metrics.addr", "writer": "writer", "log-format": "log.format",
+	"log-level": "log.level", "require-signed": "signing.require_signed",
+}
+
+// LoadConfig merges defaults, the file, the environment and the flags that
+// were set, and validates the result.
+func LoadConfig(fs *pflag.FlagSet) (*Config, error) {
+	v := viper.New()
+	setDefaults(v)
+	v.SetEnvPrefix("HVPATCHD")
+	v.SetEnvKeyReplacer(strings.NewReplacer(".", "_"))
+	v.AutomaticEnv()
+	for flag, key := range flagKeys {
+		if f := fs.Lookup(flag); f != nil && f.Changed {
+			if err := v.BindPFlag(key, f); err != nil {
+				return nil, err
+			}
+		}
+	}
+	path, _ := fs.GetString("config")
+	explicit := path != ""
+	if !explicit {
+		path = DefaultConfigFile
+	}
+	v.SetConfigFile(path)
+	v.SetConfigType("yaml")
+	if err := v.ReadInConfig(); err != nil {
+		if explicit || !os.IsNotExist(unwrapPathError(err)) {
+			return nil, fmt.Errorf("reading %s: %w", path, err)
+		}
+	}
+	var cfg Config
+	if err := v.UnmarshalExact(&cfg); err != nil {
+		return nil, fmt.Errorf("configuration %s: %w", path, err)
+	}
+	return &cfg, cfg.Validate()
+}
+
+func unwrapPathError(err error) error {
+	if pe, ok := err.(*os.PathError); ok {
+		return pe.Err
+	}
+	return err
+}
+
+// SocketMode parses api.mode (octal, e.g. "0660").
+func (c *Config) SocketMode() (os.FileMode, error) {
+	m, err := strconv.ParseUint(c.API.Mode, 8, 32)
+	if err != nil || m > 0o777 {
+		return 0, fmt.Errorf("api.mode %q: want an octal permission such as 0660", c.API.Mode)
+	}
+	return os.FileMode(m), nil
+}
+
+// Validate reports the first setting that cannot work.
+func (c *Config) Validate() error {
+	if _, err := c.SocketMode(); err != nil {
+		return err
+	}
+	switch c.Writer {
+	case "auto", "gdbstub", "direct", "direct+suspend":
+	default:
+		return fmt.Errorf("writer %q: want auto, gdbstub, direct or direct+suspend", c.Writer)
+	}
+	switch c.Log.Format {
+	case "text", "json":
+	default:
+		return fmt.Errorf("log.format %q: want text or json", c.Log.Format)
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		return fmt.Errorf("log.level %q: want debug, info, warn or error", c.Log.Level)
+	}
+	if c.API.Socket == "" || c.StateDir == "" || c.PatchDir == "" {
+		return fmt.Errorf("api.socket, state_dir and patch_dir must be set")
+	}
+	tcp := c.API.TCP
+	if tcp.Addr != "" && (tcp.CertFile == "" || tcp.KeyFile == "" || tcp.ClientCAFile == "") {
+		return fmt.Errorf("api.tcp.addr %s needs cert_file, key_file and client_ca_file: the TCP API only serves clients with certificates", tcp.Addr)
+	}
+	if c.Reconcile.Interval <= 0 || c.Reconcile.MaxBackoff < c.Reconcile.Interval {
+		return fmt.Errorf("reconcile.interval must be positive and reconcile.max_backoff at least as long")
+	}
+	if c.Libvirt.Timeout <= 0 {
+		return fmt.Errorf("libvirt.timeout must be positive")
+	}
+	return nil
+}
