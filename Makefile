@@ -42,4 +42,8 @@ bench: guest build
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./...
 
 clean:
-	rm -rf $(BIN)
+	rm -rf $(BIN) examples/replace/build
+
+# Replacement-function objects (docs/function-replacement.md):
+# `make replace-example [REPLACE_KCONFIG=guest-config]`.
+include examples/replace/Makefile
