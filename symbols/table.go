@@ -1,0 +1,209 @@
+// Package symbols holds kernel symbol tables: what a name's address is and
+// which symbol an address falls in. Tables come from the kernel's own
+// compressed kallsyms found in guest memory (DecodeKallsyms), from a
+// System.map, or from a vmlinux ELF that still has its .symtab.
+package symbols
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+)
+
+// Symbol is one entry as /proc/kallsyms shows it.
+type Symbol struct {
+	Name   string
+	Addr   uint64
+	Type   byte   // 'T', 't', 'D', 'A', ... as /proc/kallsyms prints it
+	Module string // "" for the kernel image
+}
+
+// Table is an immutable symbol table, sorted by address (input order kept
+// among symbols at the same address), with an index by name built on first
+// use so that decoding stays cheap for callers that only resolve addresses.
+type Table struct {
+	syms []Symbol
+
+	nameOnce sync.Once
+	first    map[string]int32 // name -> index of its first symbol
+	next     []int32          // index -> next index with the same name, or -1
+}
+
+// NewTable builds a table from syms (copied; the caller keeps its slice).
+func NewTable(syms []Symbol) *Table {
+	return newTableOwned(slices.Clone(syms))
+}
+
+// newTableOwned takes ownership of syms. kallsyms is already in address
+// order, so the sort is skipped when nothing is out of place.
+func newTableOwned(syms []Symbol) *Table {
+	sorted := true
+	for i := 1; i < len(syms); i++ {
+		if syms[i].Addr < syms[i-1].Addr {
+			sorted = false
+			break
+		}
+	}
+	if !sorted {
+		slices.SortStableFunc(syms, func(a, b Symbol) int {
+			switch {
+			case a.Addr < b.Addr:
+				return -1
+			case a.Addr > b.Addr:
+				return 1
+			}
+			return 0
+		})
+	}
+	return &Table{syms: syms}
+}
+
+// Len is the number of symbols.
+func (t *Table) Len() int { return len(t.syms) }
+
+// All returns the symbols in address order (kallsyms order among equal
+// addresses). The slice is the table's own: do not modify it.
+func (t *Table) All() []Symbol { return slices.Clip(t.syms) }
+
+func (t *Table) buildNameIndex() {
+	t.first = make(map[string]int32, len(t.syms))
+	t.next = make([]int32, len(t.syms))
+	last := make(map[string]int32, 1024) // only for names seen twice or more
+	for i := range t.syms {
+		t.next[i] = -1
+		name := t.syms[i].Name
+		f, dup := t.first[name]
+		if !dup {
+			t.first[name] = int32(i)
+			continue
+		}
+		tail, ok := last[name]
+		if !ok {
+			tail = f
+		}
+		t.next[tail] = int32(i)
+		last[name] = int32(i)
+	}
+}
+
+// Lookup returns every symbol called name, in address order.
+func (t *Table) Lookup(name string) []Symbol {
+	t.nameOnce.Do(t.buildNameIndex)
+	i, ok := t.first[name]
+	if !ok {
+		return nil
+	}
+	var out []Symbol
+	for ; i >= 0; i = t.next[i] {
+		out = append(out, t.syms[i])
+	}
+	return out
+}
+
+// Addr returns the address of the symbol called name. It fails when there is
+// none, or when several symbols of that name sit at different addresses
+// (static functions of the same name in different files).
+func (t *Table) Addr(name string) (uint64, error) {
+	syms := t.Lookup(name)
+	if len(syms) == 0 {
+		return 0, fmt.Errorf("symbols: no symbol %q", name)
+	}
+	for _, s := range syms[1:] {
+		if s.Addr != syms[0].Addr {
+			addrs := make([]string, len(syms))
+			for i, s := range syms {
+				addrs[i] = fmt.Sprintf("%#x (%c)", s.Addr, s.Type)
+			}
+			return 0, fmt.Errorf("symbols: %q is ambiguous, %d symbols: %s", name, len(syms), strings.Join(addrs, ", "))
+		}
+	}
+	return syms[0].Addr, nil
+}
+
+// Resolve finds the symbol an address belongs to: the nearest symbol at or
+// below addr (the first in kallsyms order when several share that address,
+// as the kernel's own lookup does). An address above the last symbol has no
+// upper bound to be checked against and is not resolved.
+func (t *Table) Resolve(addr uint64) (sym Symbol, off uint64, ok bool) {
+	i := sort.Search(len(t.syms), func(i int) bool { return t.syms[i].Addr > addr })
+	if i == 0 {
+		return Symbol{}, 0, false
+	}
+	j := i - 1
+	if i == len(t.syms) && t.syms[j].Addr != addr {
+		return Symbol{}, 0, false
+	}
+	for j > 0 && t.syms[j-1].Addr == t.syms[j].Addr {
+		j--
+	}
+	return t.syms[j], addr - t.syms[j].Addr, true
+}
+
+// IsText reports whether a kallsyms type letter marks code.
+func IsText(typ byte) bool {
+	switch typ {
+	case 'T', 't', 'W', 'w':
+		return true
+	}
+	return false
+}
+
+// FunctionSize is the distance from s to the next text symbol at a higher
+// address, or 0 when there is none. On kernels with call padding the next
+// symbol is the following function's __pfx_ symbol, so the padding is not
+// counted.
+func (t *Table) FunctionSize(s Symbol) uint64 {
+	i := sort.Search(len(t.syms), func(i int) bool { return t.syms[i].Addr > s.Addr })
+	for ; i < len(t.syms); i++ {
+		if IsText(t.syms[i].Type) {
+			return t.syms[i].Addr - s.Addr
+		}
+	}
+	return 0
+}
+
+// WithSlide returns a table with every address moved by slide (added modulo
+// 2^64, so a negative slide works too), except absolute symbols (type A/a):
+// kallsyms marks zero-based per-CPU symbols absolute, and KASLR does not move
+// them.
+func (t *Table) WithSlide(slide uint64) *Table {
+	out := make([]Symbol, len(t.syms))
+	for i, s := range t.syms {
+		if s.Type != 'A' && s.Type != 'a' {
+			s.Addr += slide
+		}
+		out[i] = s
+	}
+	return newTableOwned(out)
+}
+
+// WriteKallsyms writes the table in the /proc/kallsyms text format.
+func (t *Table) WriteKallsyms(w io.Writer) error {
+	bw := bufio.NewWriterSize(w, 1<<16)
+	var line []byte
+	for _, s := range t.syms {
+		line = line[:0]
+		hex := strconv.AppendUint(make([]byte, 0, 16), s.Addr, 16)
+		for n := len(hex); n < 16; n++ {
+			line = append(line, '0')
+		}
+		line = append(line, hex...)
+		line = append(line, ' ', s.Type, ' ')
+		line = append(line, s.Name...)
+		if s.Module != "" {
+			line = append(line, "\t["...)
+			line = append(line, s.Module...)
+			line = append(line, ']')
+		}
+		line = append(line, '\n')
+		if _, err := bw.Write(line); err != nil {
+			return err
+		}
+	}
+	return bw.Flush()
+}
