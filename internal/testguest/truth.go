@@ -32,7 +32,7 @@ func (g *Guest) Kallsyms() ([]KallsymsEntry, error) {
 
 // ReadFile returns a guest file's contents, compressed in transit.
 func (g *Guest) ReadFile(path string) ([]byte, error) {
-	out, err := g.RunTimeout(fmt.Sprintf("gzip -c %s | base64", path), 5*time.Minute)
+	out, err := g.RunTimeout(fmt.Sprintf("gzip -1 -c %s | base64", path), 5*time.Minute)
 	if err != nil {
 		return nil, err
 	}

@@ -121,6 +121,10 @@ build_initramfs() {
 	echo "$inputs" >"$stamp"
 }
 
+# Test binaries of several packages may build at once: one builder at a time.
+exec 9>"$OUT/.build.lock"
+flock 9
+
 ensure_apt_lists
 rm -f "$OUT/kernels.txt.tmp"
 for pair in '6.1:6\.1\.0-' '6.12:6\.12\.'; do
