@@ -1,0 +1,137 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/hvpatch/hvpatch/hypervisor"
+	"github.com/hvpatch/hvpatch/introspect"
+	"github.com/spf13/cobra"
+)
+
+func init() { addCommand(newInfoCmd) }
+
+// kernelSource is how the introspection commands (info, sym, syms, read,
+// ps, lsmod) reach a guest kernel: a running domain, or --dump FILE.
+type kernelSource struct {
+	dump    string
+	backend string
+}
+
+func (s *kernelSource) flags(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&s.dump, "dump", "", "read an ELF memory dump (virsh dump --memory-only) instead of a running domain")
+	cmd.Flags().StringVar(&s.backend, "backend", "", "guest memory access for running domains: memfd, process, or empty for the best available")
+}
+
+// split separates the DOMAIN argument (absent with --dump) from the rest.
+// want is the number of arguments after DOMAIN.
+func (s *kernelSource) split(args []string, want int, usage string) (string, []string, error) {
+	if s.dump != "" {
+		if len(args) != want {
+			return "", nil, fmt.Errorf("usage: hvpatch %s (with --dump, no DOMAIN)", usage)
+		}
+		return s.dump, args, nil
+	}
+	if len(args) != want+1 {
+		return "", nil, fmt.Errorf("usage: hvpatch %s", usage)
+	}
+	return args[0], args[1:], nil
+}
+
+// open attaches to the kernel of the domain or dump named by source. The
+// returned close releases guest memory.
+func (s *kernelSource) open(cmd *cobra.Command, a *app, source string) (*introspect.Kernel, func(), error) {
+	ctx := cmd.Context()
+	var mem hypervisor.PhysMem
+	var cpus []hypervisor.CPUState
+	if s.dump != "" {
+		d, err := hypervisor.OpenELFDump(s.dump)
+		if err != nil {
+			return nil, nil, err
+		}
+		mem, cpus = d, d.CPUs()
+	} else {
+		dom, err := a.Domain(ctx, source)
+		if err != nil {
+			return nil, nil, err
+		}
+		if cpus, err = dom.CPUs(ctx); err != nil {
+			return nil, nil, err
+		}
+		if mem, err = dom.OpenPhysMem(ctx, s.backend); err != nil {
+			return nil, nil, err
+		}
+	}
+	k, err := introspect.Open(ctx, mem, cpus)
+	if err != nil {
+		mem.Close()
+		return nil, nil, fmt.Errorf("%s: %w", source, err)
+	}
+	return k, func() { mem.Close() }, nil
+}
+
+type infoResult struct {
+	Source        string  `json:"source"`
+	Release       string  `json:"release"`
+	Banner        string  `json:"banner"`
+	Text          string  `json:"text"`
+	End           string  `json:"end"`
+	Slide         string  `json:"slide"`
+	PhysBase      string  `json:"phys_base"`
+	DirectMapBase string  `json:"direct_map_base"`
+	Paging        string  `json:"paging"`
+	CR3           string  `json:"cr3"`
+	Symbols       int     `json:"symbols"`
+	BTF           bool    `json:"btf"`
+	AttachMS      float64 `json:"attach_ms"`
+	Timings       string  `json:"timings"`
+}
+
+func newInfoCmd(a *app) *cobra.Command {
+	var src kernelSource
+	cmd := &cobra.Command{
+		Use:   "info DOMAIN | info --dump FILE",
+		Short: "Show the guest kernel: release, KASLR slide, paging, symbols, BTF",
+		Args:  cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			source, _, err := src.split(args, 0, "info DOMAIN")
+			if err != nil {
+				return err
+			}
+			k, done, err := src.open(cmd, a, source)
+			if err != nil {
+				return err
+			}
+			defer done()
+			res := infoResult{
+				Source: source, Release: k.Release, Banner: k.Banner,
+				Text: hexAddr(k.TextStart), End: hexAddr(k.TextEnd), Slide: hexAddr(k.Slide), PhysBase: hexAddr(k.PhysBase),
+				DirectMapBase: hexAddr(k.DirectMapBase), Paging: k.PagingMode(), CR3: hexAddr(k.CR3),
+				Symbols: k.Symbols.Len(), BTF: k.BTF != nil,
+				AttachMS: float64(k.AttachTime.Microseconds()) / 1000, Timings: k.Timings.String(),
+			}
+			return a.out.Emit(res, func(w io.Writer) error {
+				yes := map[bool]string{true: "yes", false: "no"}
+				rows := [][2]string{
+					{"Source", source}, {"Release", k.Release}, {"Banner", k.Banner},
+					{"Kernel image", fmt.Sprintf("%#x-%#x", k.TextStart, k.TextEnd)},
+					{"KASLR slide", hexAddr(k.Slide)}, {"Physical base", hexAddr(k.PhysBase)},
+					{"Direct map", hexAddr(k.DirectMapBase)}, {"Paging", k.PagingMode()}, {"CR3", hexAddr(k.CR3)},
+					{"Symbols", fmt.Sprint(k.Symbols.Len())}, {"BTF", yes[k.BTF != nil]},
+					{"Attach time", fmt.Sprintf("%v (%s)", k.AttachTime.Round(10*time.Microsecond), k.Timings)},
+				}
+				for _, r := range rows {
+					if _, err := fmt.Fprintf(w, "%-14s %s\n", r[0]+":", r[1]); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+		},
+	}
+	src.flags(cmd)
+	return cmd
+}
+
+func hexAddr(v uint64) string { return fmt.Sprintf("%#x", v) }

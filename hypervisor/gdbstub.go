@@ -1,0 +1,269 @@
+package hypervisor
+
+import (
+	"bufio"
+	"context"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// gdbConn speaks the GDB remote serial protocol to QEMU's gdbstub.
+type gdbConn struct {
+	path    string
+	c       net.Conn
+	r       *bufio.Reader
+	timeout time.Duration
+}
+
+func (g *gdbConn) send(pkt string) error {
+	var sum byte
+	for i := 0; i < len(pkt); i++ {
+		sum += pkt[i]
+	}
+	g.c.SetDeadline(time.Now().Add(g.timeout))
+	_, err := fmt.Fprintf(g.c, "$%s#%02x", pkt, sum)
+	return err
+}
+
+// recv reads one packet, skipping acknowledgements, and acknowledges it.
+func (g *gdbConn) recv() (string, error) {
+	g.c.SetDeadline(time.Now().Add(g.timeout))
+	for {
+		b, err := g.r.ReadByte()
+		if err != nil {
+			return "", err
+		}
+		switch b {
+		case '+':
+			continue
+		case '-':
+			return "", errors.New("gdbstub asked for a retransmission")
+		case '$':
+		default:
+			continue
+		}
+		data, err := g.r.ReadString('#')
+		if err != nil {
+			return "", err
+		}
+		data = data[:len(data)-1]
+		var cs [2]byte
+		if _, err := g.r.Read(cs[:1]); err != nil {
+			return "", err
+		}
+		if _, err := g.r.Read(cs[1:]); err != nil {
+			return "", err
+		}
+		var sum byte
+		for i := 0; i < len(data); i++ {
+			sum += data[i]
+		}
+		if fmt.Sprintf("%02x", sum) != strings.ToLower(string(cs[:])) {
+			return "", fmt.Errorf("gdbstub packet with a bad checksum")
+		}
+		if _, err := g.c.Write([]byte{'+'}); err != nil {
+			return "", err
+		}
+		return data, nil
+	}
+}
+
+// cmd sends a request and returns its answer. Stop replies ("T…", "S…")
+// are never answers to the requests used here; a queued one (QEMU sends an
+// extra stop reply after the first "?") is skipped.
+func (g *gdbConn) cmd(pkt string) (string, error) {
+	if err := g.send(pkt); err != nil {
+		return "", err
+	}
+	for {
+		r, err := g.recv()
+		if err != nil {
+			return "", err
+		}
+		if len(r) > 0 && (r[0] == 'T' || r[0] == 'S') {
+			continue
+		}
+		return r, nil
+	}
+}
+
+// gdbWriter changes guest memory through QEMU's gdbstub, which writes with
+// the guest's own MMU and drops translated code (needed under TCG).
+type gdbWriter struct {
+	d     *Domain
+	vcpus int
+	guard *gdbGuard // resumes the VM if this process dies mid-session
+}
+
+func (w *gdbWriter) Name() string { return "gdbstub" }
+
+func (d *Domain) gdbSocket() (string, error) {
+	dir := d.GdbstubDir
+	if dir == "" {
+		dir = "/run/hvpatch/gdbstub"
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", err
+	}
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return "", err
+	}
+	return filepath.Join(dir, d.UUID()+".sock"), nil
+}
+
+// dialGdbstub connects to the domain's gdbstub, starting it (once per QEMU
+// process) on a private unix socket when nothing listens there.
+func (d *Domain) dialGdbstub(ctx context.Context, path string) (net.Conn, error) {
+	if c, err := net.DialTimeout("unix", path, 2*time.Second); err == nil {
+		return c, nil
+	}
+	os.Remove(path)
+	out, err := d.HMP(ctx, fmt.Sprintf("gdbserver unix:%s,server=on,wait=off", path))
+	if err != nil {
+		return nil, err
+	}
+	c, err := net.DialTimeout("unix", path, 2*time.Second)
+	if err != nil {
+		return nil, fmt.Errorf("domain %s: gdbstub at %s: %v (monitor said %q)", d.Name(), path, err, strings.TrimSpace(out))
+	}
+	return c, nil
+}
+
+func (w *gdbWriter) Stop(ctx context.Context) (StoppedGuest, error) {
+	// Detaching resumes the VM, so a paused domain would be resumed.
+	st, err := w.d.State(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if st != "running" {
+		return nil, fmt.Errorf("domain %s is %s: the gdbstub writer would resume it; resume it first", w.d.Name(), st)
+	}
+	path, err := w.d.gdbSocket()
+	if err != nil {
+		return nil, fmt.Errorf("domain %s: gdbstub socket directory: %w", w.d.Name(), err)
+	}
+	if w.guard == nil {
+		if w.guard, err = startGdbGuard(path); err != nil {
+			return nil, fmt.Errorf("domain %s: %w", w.d.Name(), err)
+		}
+	}
+	if err := w.guard.set(true); err != nil {
+		w.guard = nil // a new one next time
+		return nil, fmt.Errorf("domain %s: %w", w.d.Name(), err)
+	}
+	start := time.Now()
+	c, err := w.d.dialGdbstub(ctx, path)
+	if err != nil {
+		w.guard.set(false)
+		return nil, err
+	}
+	g := &gdbConn{c: c, r: bufio.NewReader(c), timeout: 5 * time.Second, path: path}
+	// The VM stops when the debugger connects; "?" returns once it has.
+	err = g.send("?")
+	if err == nil {
+		_, err = g.recv()
+	}
+	if err != nil {
+		// Only one debugger at a time: callers serialise sessions per
+		// domain (the daemon does), so this is QEMU failing us, and the
+		// VM may already be stopped: detach on a fresh connection.
+		c.Close()
+		if derr := gdbDetach(path, 10); derr != nil {
+			err = fmt.Errorf("%w; %v", err, derr)
+		} else {
+			w.guard.set(false)
+		}
+		return nil, fmt.Errorf("domain %s: gdbstub handshake: %w", w.d.Name(), err)
+	}
+	return &gdbStopped{w: w, g: g, start: start}, nil
+}
+
+type gdbStopped struct {
+	w     *gdbWriter
+	g     *gdbConn
+	start time.Time
+	done  bool
+}
+
+// gdbChunk keeps packets below QEMU's 4 KiB packet buffer.
+const gdbChunk = 1024
+
+func (s *gdbStopped) Read(va, gpa uint64, p []byte) error {
+	for off := 0; off < len(p); off += gdbChunk {
+		n := min(gdbChunk, len(p)-off)
+		r, err := s.withAnyCPU(va+uint64(off), fmt.Sprintf("m%x,%x", va+uint64(off), n))
+		if err != nil {
+			return fmt.Errorf("domain %s: gdbstub read of %d bytes at %#x: %w", s.w.d.Name(), n, va+uint64(off), err)
+		}
+		b, err := hex.DecodeString(r)
+		if err != nil || len(b) != n {
+			return fmt.Errorf("domain %s: gdbstub read at %#x: answer %q is not %d bytes of hex", s.w.d.Name(), va+uint64(off), r, n)
+		}
+		copy(p[off:], b)
+	}
+	return nil
+}
+
+func (s *gdbStopped) Write(va, gpa uint64, data []byte) error {
+	for off := 0; off < len(data); off += gdbChunk {
+		n := min(gdbChunk, len(data)-off)
+		a := va + uint64(off)
+		r, err := s.withAnyCPU(a, fmt.Sprintf("M%x,%x:%s", a, n, hex.EncodeToString(data[off:off+n])))
+		if err == nil && r != "OK" {
+			err = fmt.Errorf("answer %q", r)
+		}
+		if err != nil {
+			return fmt.Errorf("domain %s: gdbstub write of %d bytes at %#x: %w", s.w.d.Name(), n, a, err)
+		}
+	}
+	return nil
+}
+
+// withAnyCPU runs a memory request on the current vCPU and, if its page
+// tables do not map va (a vCPU in user mode under PTI), on the others.
+func (s *gdbStopped) withAnyCPU(va uint64, pkt string) (string, error) {
+	r, err := s.g.cmd(pkt)
+	if err != nil || !strings.HasPrefix(r, "E") {
+		return r, err
+	}
+	for cpu := 1; cpu <= s.w.vcpus; cpu++ {
+		if sel, err := s.g.cmd(fmt.Sprintf("Hg%x", cpu)); err != nil || sel != "OK" {
+			continue
+		}
+		if r2, err := s.g.cmd(pkt); err != nil || !strings.HasPrefix(r2, "E") {
+			return r2, err
+		}
+	}
+	return "", fmt.Errorf("no vCPU maps %#x (gdbstub %s)", va, r)
+}
+
+func (s *gdbStopped) Resume() (FreezeReport, error) {
+	if s.done {
+		return FreezeReport{}, errors.New("already resumed")
+	}
+	s.done = true
+	defer s.g.c.Close()
+	r, err := s.g.cmd("D")
+	rep := FreezeReport{Window: time.Since(s.start), Method: "gdbstub", VCPUs: s.w.vcpus}
+	if err == nil && r != "OK" {
+		err = fmt.Errorf("answer %q", r)
+	}
+	if err != nil {
+		s.g.c.Close()
+		if derr := gdbDetach(s.g.path, 10); derr != nil {
+			return rep, fmt.Errorf("domain %s: gdbstub detach: %w; %v", s.w.d.Name(), err, derr)
+		}
+		rep.Window = time.Since(s.start)
+	}
+	s.w.guard.set(false)
+	if err != nil {
+		return rep, fmt.Errorf("domain %s: gdbstub detach failed (%v), detached on a new connection", s.w.d.Name(), err)
+	}
+	return rep, nil
+}

@@ -1,0 +1,166 @@
+package introspect
+
+import (
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/cilium/ebpf/btf"
+)
+
+// ErrNoBTF is returned by layout queries on a kernel built without BTF.
+var ErrNoBTF = errors.New("kernel has no BTF")
+
+// Field is where a member lives inside its outermost struct, and its type.
+type Field struct {
+	Offset uint64
+	Size   uint64
+	Type   btf.Type
+}
+
+// FieldOf resolves a member path against BTF: "task_struct.tasks",
+// "task_struct.thread.sp", "module.mem[1].size". Anonymous structs and
+// unions are searched through, the way C lets you name their members
+// directly. Bitfields are refused: they have no byte offset.
+func FieldOf(spec *btf.Spec, path string) (Field, error) {
+	if spec == nil {
+		return Field{}, ErrNoBTF
+	}
+	parts := strings.Split(path, ".")
+	if len(parts) < 2 || parts[0] == "" {
+		return Field{}, fmt.Errorf("BTF path %q: want TYPE.MEMBER[.MEMBER...]", path)
+	}
+	typ, err := compositeByName(spec, parts[0])
+	if err != nil {
+		return Field{}, fmt.Errorf("BTF path %q: %w", path, err)
+	}
+	var off uint64
+	for _, part := range parts[1:] {
+		name, indexes, err := splitIndexes(part)
+		if err != nil {
+			return Field{}, fmt.Errorf("BTF path %q: %w", path, err)
+		}
+		m, moff, ok := findMember(typ, name)
+		if !ok {
+			return Field{}, fmt.Errorf("BTF path %q: %s has no member %q", path, describe(typ), name)
+		}
+		if m.BitfieldSize != 0 || moff%8 != 0 {
+			return Field{}, fmt.Errorf("BTF path %q: member %q is a bitfield", path, name)
+		}
+		off += moff / 8
+		typ = m.Type
+		for _, idx := range indexes {
+			arr, ok := btf.UnderlyingType(typ).(*btf.Array)
+			if !ok {
+				return Field{}, fmt.Errorf("BTF path %q: %q is not an array", path, name)
+			}
+			if idx >= uint64(arr.Nelems) {
+				return Field{}, fmt.Errorf("BTF path %q: index %d out of range (%s has %d elements)", path, idx, name, arr.Nelems)
+			}
+			esize, err := btf.Sizeof(arr.Type)
+			if err != nil {
+				return Field{}, fmt.Errorf("BTF path %q: %w", path, err)
+			}
+			off += idx * uint64(esize)
+			typ = arr.Type
+		}
+	}
+	size, err := btf.Sizeof(typ)
+	if err != nil {
+		return Field{}, fmt.Errorf("BTF path %q: %w", path, err)
+	}
+	return Field{Offset: off, Size: uint64(size), Type: typ}, nil
+}
+
+// SizeOf is the size of a named struct or union.
+func SizeOf(spec *btf.Spec, name string) (uint64, error) {
+	if spec == nil {
+		return 0, ErrNoBTF
+	}
+	typ, err := compositeByName(spec, name)
+	if err != nil {
+		return 0, err
+	}
+	n, err := btf.Sizeof(typ)
+	return uint64(n), err
+}
+
+// compositeByName finds the complete definition of a struct or union
+// (forward declarations and same-named typedefs are skipped).
+func compositeByName(spec *btf.Spec, name string) (btf.Type, error) {
+	types, err := spec.AnyTypesByName(name)
+	if err != nil {
+		return nil, fmt.Errorf("no type %q in BTF", name)
+	}
+	for _, t := range types {
+		switch t.(type) {
+		case *btf.Struct, *btf.Union:
+			return t, nil
+		}
+	}
+	return nil, fmt.Errorf("%q is not a struct or union in BTF", name)
+}
+
+// findMember looks for name in a struct or union, descending into anonymous
+// members. The offset is in bits from the start of typ.
+func findMember(typ btf.Type, name string) (btf.Member, uint64, bool) {
+	var members []btf.Member
+	switch t := btf.UnderlyingType(typ).(type) {
+	case *btf.Struct:
+		members = t.Members
+	case *btf.Union:
+		members = t.Members
+	default:
+		return btf.Member{}, 0, false
+	}
+	for _, m := range members {
+		if m.Name == name {
+			return m, uint64(m.Offset), true
+		}
+	}
+	for _, m := range members {
+		if m.Name != "" {
+			continue
+		}
+		if inner, off, ok := findMember(m.Type, name); ok {
+			return inner, uint64(m.Offset) + off, true
+		}
+	}
+	return btf.Member{}, 0, false
+}
+
+// splitIndexes splits "mem[1]" into "mem" and [1].
+func splitIndexes(part string) (string, []uint64, error) {
+	name, rest, _ := strings.Cut(part, "[")
+	if name == "" {
+		return "", nil, fmt.Errorf("empty member name in %q", part)
+	}
+	var idx []uint64
+	for rest != "" {
+		num, after, ok := strings.Cut(rest, "]")
+		if !ok {
+			return "", nil, fmt.Errorf("unclosed [ in %q", part)
+		}
+		n, err := strconv.ParseUint(num, 0, 64)
+		if err != nil {
+			return "", nil, fmt.Errorf("bad index %q in %q", num, part)
+		}
+		idx = append(idx, n)
+		if after != "" && !strings.HasPrefix(after, "[") {
+			return "", nil, fmt.Errorf("unexpected %q after index in %q", after, part)
+		}
+		rest = strings.TrimPrefix(after, "[")
+	}
+	return name, idx, nil
+}
+
+func describe(t btf.Type) string {
+	switch u := btf.UnderlyingType(t).(type) {
+	case *btf.Struct:
+		return "struct " + u.Name
+	case *btf.Union:
+		return "union " + u.Name
+	}
+	return fmt.Sprintf("%v", t)
+}
