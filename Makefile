@@ -23,6 +23,8 @@ guest: host
 # normal test run, not an opt-in.
 test: guest vet fmt-check
 	$(GO) test -count=1 -timeout 25m ./...
+	$(GO) test -run '^$$' -fuzz FuzzParsePatch -fuzztime 10s ./patcher
+	$(GO) test -run '^$$' -fuzz FuzzDecodeKallsyms -fuzztime 10s ./symbols
 
 # Unit tests only: no libvirt, no guests.
 unit:
@@ -38,8 +40,11 @@ fmt-check:
 demo: guest build
 	bash testdata/demo.sh
 
+# The side-by-side report: bench/REPORT.md and bench/REPORT.json. `make test`
+# runs the same code in a short mode; the micro-benchmarks of each package
+# stay available through `go test -bench`.
 bench: guest build
-	$(GO) test -run '^$$' -bench . -benchtime 2s ./...
+	HVPATCH_BENCH=full $(GO) test -count=1 -timeout 60m -run '^TestReport$$' -v ./bench
 
 clean:
 	rm -rf $(BIN) examples/replace/build

@@ -132,6 +132,19 @@ func (d *Domain) State(ctx context.Context) (string, error) {
 	return fmt.Sprintf("state-%d", st), nil
 }
 
+// RunStatus is QEMU's own run state (QMP query-status: "running",
+// "paused", "debug", …), current at the moment of the call, unlike State,
+// which libvirt updates from asynchronous monitor events.
+func (d *Domain) RunStatus(ctx context.Context) (string, error) {
+	var st struct {
+		Status string `json:"status"`
+	}
+	if err := d.QMP(ctx, "query-status", nil, &st); err != nil {
+		return "", err
+	}
+	return st.Status, nil
+}
+
 // QEMUPid is the pid of the domain's QEMU process, from libvirt's pid file,
 // checked against the process's command line.
 func (d *Domain) QEMUPid(ctx context.Context) (int, error) {

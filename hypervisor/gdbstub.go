@@ -136,8 +136,10 @@ func (d *Domain) dialGdbstub(ctx context.Context, path string) (net.Conn, error)
 }
 
 func (w *gdbWriter) Stop(ctx context.Context) (StoppedGuest, error) {
-	// Detaching resumes the VM, so a paused domain would be resumed.
-	st, err := w.d.State(ctx)
+	// Detaching resumes the VM, so a paused domain would be resumed. QEMU
+	// itself is asked: libvirt's state lags a few milliseconds behind QEMU's
+	// after a resume or a gdbstub detach.
+	st, err := w.d.RunStatus(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -180,6 +182,17 @@ func (w *gdbWriter) Stop(ctx context.Context) (StoppedGuest, error) {
 			w.guard.set(false)
 		}
 		return nil, fmt.Errorf("domain %s: gdbstub handshake: %w", w.d.Name(), err)
+	}
+	// QEMU answers "?" with whichever stop reply it has queued, which can
+	// be sent before the stop is complete: ask QEMU itself (the VM is
+	// stopped, not ptrace-frozen, so the monitor answers).
+	if st, err := w.d.RunStatus(ctx); err != nil || st == "running" {
+		s := &gdbStopped{w: w, g: g, start: start}
+		s.Resume()
+		if err == nil {
+			err = fmt.Errorf("QEMU still reports the VM %s after the gdbstub handshake", st)
+		}
+		return nil, fmt.Errorf("domain %s: %w", w.d.Name(), err)
 	}
 	return &gdbStopped{w: w, g: g, start: start}, nil
 }
@@ -261,9 +274,34 @@ func (s *gdbStopped) Resume() (FreezeReport, error) {
 		}
 		rep.Window = time.Since(s.start)
 	}
+	if err == nil {
+		err = s.ensureRunning()
+		rep.Window = time.Since(s.start)
+	}
 	s.w.guard.set(false)
 	if err != nil {
-		return rep, fmt.Errorf("domain %s: gdbstub detach failed (%v), detached on a new connection", s.w.d.Name(), err)
+		return rep, fmt.Errorf("domain %s: gdbstub detach: %w", s.w.d.Name(), err)
 	}
 	return rep, nil
+}
+
+// ensureRunning makes sure the detach resumed the VM. On a 1-vCPU TCG
+// guest QEMU 7.2 was seen to answer the detach with OK and stay paused
+// (when the stop from the connection completed after the detach's
+// continue). The VM was running when Stop began and the patch lock keeps
+// other writers out, so resuming it is what the caller expects.
+func (s *gdbStopped) ensureRunning() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st, err := s.w.d.RunStatus(ctx)
+	if err != nil || st == "running" {
+		return err
+	}
+	if err := s.w.d.QMP(ctx, "cont", nil, nil); err != nil {
+		return fmt.Errorf("VM left %s after detach and cont failed: %w", st, err)
+	}
+	if st, err = s.w.d.RunStatus(ctx); err == nil && st != "running" {
+		err = fmt.Errorf("VM still %s after detach and cont", st)
+	}
+	return err
 }

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# make demo: boots a real test guest and shows it running. Later stages of the
-# project extend this to applying and reverting a patch.
+# make demo: boots a guest, shows /proc/version, applies the return-0 kill
+# switch to version_proc_show with bin/hvpatch, shows the empty output,
+# reverts, shows it back, and prints the freeze windows.
+# HVPATCH_DEMO_SERIES=6.1 picks the other guest kernel (default 6.12).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec go test -count=1 -run 'TestBootEachKernel' -v ./internal/testguest
+HVPATCH_BIN="$PWD/bin/hvpatch" exec go test -count=1 -run '^TestDemo$' -v ./internal/demo

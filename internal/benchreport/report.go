@@ -170,10 +170,17 @@ func (r *Report) WriteMarkdown(w io.Writer) error {
 		}
 	}
 	for _, t := range r.Topics {
+		isBaseline := map[string]bool{}
+		for _, row := range t.Rows {
+			isBaseline[row.Baseline] = true
+		}
 		fmt.Fprintf(&b, "\n## %s\n\nOne sample: %s.\n\n", t.Name, t.Unit)
 		b.WriteString("| operation | runs | median | p99 | min | vs baseline |\n|---|---:|---:|---:|---:|---|\n")
 		for _, row := range t.Rows {
-			ratio := "baseline"
+			ratio := "—"
+			if isBaseline[row.Name] {
+				ratio = "baseline"
+			}
 			if row.Baseline != "" {
 				ratio = fmt.Sprintf("%s× vs %s", formatRatio(row.Ratio), row.Baseline)
 			}

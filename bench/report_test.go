@@ -1,0 +1,464 @@
+// Package bench measures hvpatch against the baselines an operator would
+// otherwise use, side by side in one run on the same guests, and writes
+// bench/REPORT.md and bench/REPORT.json.
+//
+// `make bench` runs the full report (HVPATCH_BENCH=full); `make test` runs
+// the same code with a few iterations and writes to a temporary directory,
+// so the report keeps working without slowing CI down.
+package bench
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hvpatch/hvpatch/hypervisor"
+	"github.com/hvpatch/hvpatch/internal/benchreport"
+	"github.com/hvpatch/hvpatch/internal/testguest"
+	"github.com/hvpatch/hvpatch/introspect"
+	"github.com/hvpatch/hvpatch/patcher"
+)
+
+var full = os.Getenv("HVPATCH_BENCH") == "full"
+
+// runs picks the sample count for the mode.
+func runs(fullRuns, shortRuns int) int {
+	if full {
+		return fullRuns
+	}
+	return shortRuns
+}
+
+// guest is a booted test guest opened through hvpatch's own layers.
+type guest struct {
+	g   *testguest.Guest
+	dom *hypervisor.Domain
+	mem hypervisor.PhysMem
+}
+
+func open(t *testing.T, ctx context.Context, conn *hypervisor.Conn, series string, vcpus int) *guest {
+	t.Helper()
+	k, err := testguest.KernelSeries(series)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := testguest.Start(t, testguest.Options{Kernel: k, VCPUs: vcpus})
+	dom, err := conn.LookupDomain(ctx, g.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem, err := dom.OpenPhysMem(ctx, "memfd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { mem.Close() })
+	return &guest{g: g, dom: dom, mem: mem}
+}
+
+func (g *guest) label() string {
+	return fmt.Sprintf("%s, %d vCPU", g.g.Kernel.Release, g.g.VCPUs)
+}
+
+func TestReport(t *testing.T) {
+	ctx := context.Background()
+	conn, err := hypervisor.Connect(ctx, hypervisor.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+
+	one := open(t, ctx, conn, "6.1", 1)
+	two := open(t, ctx, conn, "6.1", 2)
+	newer := open(t, ctx, conn, "6.12", 2)
+
+	r := &benchreport.Report{Date: time.Now(), Mode: map[bool]string{true: "full", false: "short"}[full], Machine: benchreport.MachineFacts()}
+	for _, g := range []*guest{one, two, newer} {
+		r.Guests = append(r.Guests, fmt.Sprintf("%s (%s, 512 MiB, memfd RAM)", g.label(), g.g.Accel))
+	}
+	r.Notes = append(r.Notes,
+		"These machines are noisy (2 shared cores, TCG guests running beside the measurement): compare rows within one report, not across reports.",
+		"Every row is measured in this run; each row says how many samples it took. Ratios are baseline median / row median.",
+	)
+
+	freezeWindows(t, ctx, r, one)
+	freezeWindows(t, ctx, r, two)
+	physReads(t, ctx, r, two)
+	virtReads(t, ctx, r, two)
+	for _, g := range []*guest{two, newer} {
+		attach(t, ctx, r, g)
+	}
+	psEndToEnd(t, r, two)
+	returnPatch(t, ctx, r, two)
+
+	r.Finish()
+	checkTargets(r)
+	checkRows(t, r)
+
+	dir := t.TempDir()
+	if full {
+		dir = "."
+	}
+	writeReport(t, r, dir)
+}
+
+func freezeWindows(t *testing.T, ctx context.Context, r *benchreport.Report, g *guest) {
+	topic := r.Topic(fmt.Sprintf("Freeze window, %d vCPU", g.g.VCPUs), "stop every vCPU, then let them run again; the window is measured host-side by each method")
+	n := runs(200, 10)
+	pf, err := g.dom.PtraceFreezer(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, fr := range []hypervisor.Freezer{pf, g.dom.SuspendFreezer()} {
+		var samples []time.Duration
+		for i := 0; i < runs(n, n); i++ {
+			fz, err := fr.Freeze(ctx)
+			if err != nil {
+				t.Fatalf("%s freeze: %v", fr.Name(), err)
+			}
+			w, err := fz.Thaw()
+			if err != nil {
+				t.Fatalf("%s thaw: %v", fr.Name(), err)
+			}
+			samples = append(samples, w)
+		}
+		name, base := "ptrace freeze + thaw", "libvirt suspend/resume"
+		if fr.Name() == "suspend" {
+			name, base = "libvirt suspend/resume", ""
+		}
+		topic.Add(name, samples, base, "")
+	}
+	waitRunning(t, ctx, g.dom)
+	cw, err := g.dom.NewCodeWriter(ctx, "gdbstub", g.mem)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var samples []time.Duration
+	for i := 0; i < runs(50, 5); i++ {
+		sg, err := cw.Stop(ctx)
+		if err != nil {
+			st, _ := g.dom.State(ctx)
+			rs, _ := g.dom.RunStatus(ctx)
+			t.Fatalf("gdbstub attach %d: %v (libvirt %s, qemu %s)", i, err, st, rs)
+		}
+		rep, err := sg.Resume()
+		if err != nil {
+			t.Fatalf("gdbstub detach: %v", err)
+		}
+		samples = append(samples, rep.Window)
+	}
+	topic.Add("gdbstub attach + detach", samples, "libvirt suspend/resume", "the TCG writer's stop")
+}
+
+// waitRunning waits until libvirt reports the domain running again: it
+// learns of QEMU's resume asynchronously, after DomainResume returns.
+func waitRunning(t *testing.T, ctx context.Context, d *hypervisor.Domain) {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		state, err := d.State(ctx)
+		if err == nil && state == "running" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("domain %s still %q (%v) 5 s after resume", d.Name(), state, err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func physReads(t *testing.T, ctx context.Context, r *benchreport.Report, g *guest) {
+	regions, err := g.dom.MemoryMap(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(7, 11))
+	randomPage := func(size uint64) uint64 {
+		for {
+			reg := regions[rng.IntN(len(regions))]
+			if reg.Size > size {
+				return (reg.GPA + rng.Uint64N(reg.Size-size)) &^ 0xfff
+			}
+		}
+	}
+	process, err := g.dom.OpenPhysMem(ctx, "process")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer process.Close()
+	peek := peekMem{g.dom, ctx}
+	for _, size := range []uint64{4096, 1 << 20} {
+		name := "4 KiB random read"
+		if size > 4096 {
+			name = "1 MiB sequential read"
+		}
+		topic := r.Topic("Guest-physical reads: "+name, name+" of guest RAM")
+		buf := make([]byte, size)
+		for _, b := range []struct {
+			name string
+			mem  interface{ ReadPhys(uint64, []byte) error }
+			n    int
+		}{
+			{"memfd mmap", g.mem, runs(20000, 200)},
+			{"process_vm_readv", process, runs(20000, 200)},
+			{"libvirt DomainMemoryPeek", peek, runs(50, 3)},
+		} {
+			n := b.n
+			if size > 4096 && n > 500 {
+				n /= 20
+			}
+			samples := make([]time.Duration, 0, n)
+			for i := 0; i < n; i++ {
+				addr := randomPage(size)
+				t0 := time.Now()
+				if err := b.mem.ReadPhys(addr, buf); err != nil {
+					t.Fatalf("%s read at %#x: %v", b.name, addr, err)
+				}
+				samples = append(samples, time.Since(t0))
+			}
+			base := "libvirt DomainMemoryPeek"
+			if b.name == base {
+				base = ""
+			}
+			topic.Add(b.name, samples, base, "")
+		}
+	}
+}
+
+// peekMem reads through libvirt's DomainMemoryPeek in the chunks libvirt
+// allows per call, as a tool without hvpatch's backends would.
+type peekMem struct {
+	d   *hypervisor.Domain
+	ctx context.Context
+}
+
+func (p peekMem) ReadPhys(gpa uint64, buf []byte) error {
+	const chunk = 64 << 10
+	for off := 0; off < len(buf); off += chunk {
+		end := min(off+chunk, len(buf))
+		if err := p.d.MemoryPeek(p.ctx, gpa+uint64(off), buf[off:end]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func virtReads(t *testing.T, ctx context.Context, r *benchreport.Report, g *guest) {
+	cpus, err := g.dom.CPUs(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := introspect.Open(ctx, g.mem, cpus)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(3, 5))
+	span := (k.TextEnd - k.TextStart) / 2 // text and rodata: mapped for sure
+	n := runs(20000, 300)
+	for _, size := range []int{8, 4096} {
+		topic := r.Topic(fmt.Sprintf("Guest-virtual reads through the page walker, %d bytes", size),
+			fmt.Sprintf("%d-byte read at a random page of kernel text/rodata, translated through the guest's page tables", size))
+		virtReadRows(t, topic, k, rng, span, make([]byte, size), n)
+	}
+}
+
+func virtReadRows(t *testing.T, topic *benchreport.Topic, k *introspect.Kernel, rng *rand.Rand, span uint64, buf []byte, n int) {
+	for _, cached := range []bool{true, false} {
+		samples := make([]time.Duration, 0, n)
+		for i := 0; i < n; i++ {
+			va := (k.TextStart + rng.Uint64N(span)) &^ 0xfff
+			if !cached {
+				k.AS.Flush()
+			}
+			t0 := time.Now()
+			if err := k.AS.ReadVirt(va, buf); err != nil {
+				t.Fatalf("read %#x: %v", va, err)
+			}
+			samples = append(samples, time.Since(t0))
+		}
+		if cached {
+			topic.Add("with translation cache", samples, "without translation cache", "")
+		} else {
+			topic.Add("without translation cache", samples, "", "full walk of every page")
+		}
+	}
+}
+
+func attach(t *testing.T, ctx context.Context, r *benchreport.Report, g *guest) {
+	topic := r.Topic("Attach to ready", "from an open PhysMem and the vCPU registers to the kernel located, all kallsyms decoded and BTF parsed")
+	cpus, err := g.dom.CPUs(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var k *introspect.Kernel
+	var samples []time.Duration
+	for i := 0; i < runs(30, 3); i++ {
+		t0 := time.Now()
+		k, err = introspect.Open(ctx, g.mem, cpus)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if k.BTF == nil || k.Symbols.Len() < 50000 {
+			t.Fatalf("%s: attach gave BTF=%v, %d symbols", g.label(), k.BTF != nil, k.Symbols.Len())
+		}
+		samples = append(samples, time.Since(t0))
+	}
+	topic.Add(g.g.Kernel.Release, samples, "", fmt.Sprintf("%d symbols", k.Symbols.Len()))
+}
+
+// psEndToEnd runs the real CLI binary, as an operator would.
+func psEndToEnd(t *testing.T, r *benchreport.Report, g *guest) {
+	bin := filepath.Join(t.TempDir(), "hvpatch")
+	build := exec.Command("go", "build", "-o", bin, "../cmd/hvpatch")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("building hvpatch: %v\n%s", err, out)
+	}
+	topic := r.Topic("hvpatch ps, end to end", "run `hvpatch ps DOMAIN --json` as a new process: connect to libvirt, open memory, attach, walk the task list, print")
+	var samples []time.Duration
+	var tasks int
+	for i := 0; i < runs(20, 2); i++ {
+		t0 := time.Now()
+		out, err := exec.Command(bin, "ps", g.g.Name, "--json").Output()
+		if err != nil {
+			t.Fatalf("hvpatch ps: %v", err)
+		}
+		samples = append(samples, time.Since(t0))
+		var list []json.RawMessage
+		if err := json.Unmarshal(out, &list); err != nil {
+			var wrapped map[string]json.RawMessage
+			if err2 := json.Unmarshal(out, &wrapped); err2 != nil {
+				t.Fatalf("hvpatch ps --json: %v\n%s", err, out)
+			}
+		}
+		tasks = max(tasks, len(list))
+	}
+	topic.Add("hvpatch ps", samples, "", fmt.Sprintf("%s; %d processes", g.label(), tasks))
+}
+
+func checkTargets(r *benchreport.Report) {
+	if row, ok := r.Row("Freeze window, 2 vCPU", "ptrace freeze + thaw"); ok {
+		r.Targets = append(r.Targets,
+			benchreport.Target{What: "ptrace freeze window median < 100 µs with 2 vCPUs", Met: row.Stats.Median < 100*time.Microsecond, Detail: benchreport.FormatDuration(row.Stats.Median)},
+			benchreport.Target{What: "ptrace freeze ≥ 20× shorter than suspend/resume (2 vCPUs)", Met: row.Ratio >= 20, Detail: fmt.Sprintf("%.1f×", row.Ratio)})
+	}
+	if row, ok := r.Row("Guest-physical reads: 4 KiB random read", "memfd mmap"); ok {
+		r.Targets = append(r.Targets, benchreport.Target{What: "4 KiB physical read ≥ 1000× faster than DomainMemoryPeek", Met: row.Ratio >= 1000, Detail: fmt.Sprintf("%.0f× (memfd)", row.Ratio)})
+	}
+	for _, t := range r.Topics {
+		if t.Name != "Attach to ready" {
+			continue
+		}
+		for _, row := range t.Rows {
+			if strings.HasPrefix(row.Name, "6.1.") {
+				r.Targets = append(r.Targets, benchreport.Target{What: "attach-to-ready < 200 ms (6.1)", Met: row.Stats.Median < 200*time.Millisecond, Detail: benchreport.FormatDuration(row.Stats.Median)})
+			}
+		}
+	}
+}
+
+// checkRows fails the test when a row is missing or measured nothing, so a
+// broken measurement cannot produce a report that looks fine.
+func checkRows(t *testing.T, r *benchreport.Report) {
+	want := []string{"Freeze window, 1 vCPU", "Freeze window, 2 vCPU", "Guest-physical reads: 4 KiB random read",
+		"Guest-physical reads: 1 MiB sequential read", "Guest-virtual reads through the page walker, 8 bytes", "Guest-virtual reads through the page walker, 4096 bytes", "Attach to ready", "hvpatch ps, end to end", "Return patch, apply + revert"}
+	for _, name := range want {
+		found := false
+		for _, topic := range r.Topics {
+			if topic.Name != name {
+				continue
+			}
+			found = true
+			for _, row := range topic.Rows {
+				if row.Stats.N == 0 || row.Stats.Median <= 0 {
+					t.Errorf("%s / %s: no samples", name, row.Name)
+				}
+				if row.Baseline != "" && row.Ratio == 0 {
+					t.Errorf("%s / %s: no ratio against %s", name, row.Name, row.Baseline)
+				}
+			}
+		}
+		if !found {
+			t.Errorf("report has no %q table", name)
+		}
+	}
+}
+
+func writeReport(t *testing.T, r *benchreport.Report, dir string) {
+	md, err := os.Create(filepath.Join(dir, "REPORT.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer md.Close()
+	if err := r.WriteMarkdown(md); err != nil {
+		t.Fatal(err)
+	}
+	js, err := os.Create(filepath.Join(dir, "REPORT.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer js.Close()
+	if err := r.WriteJSON(js); err != nil {
+		t.Fatal(err)
+	}
+	var b strings.Builder
+	r.WriteMarkdown(&b)
+	t.Logf("report written to %s (GOMAXPROCS %d):\n%s", dir, runtime.GOMAXPROCS(0), b.String())
+}
+
+// returnPatch applies and reverts the version-kill-switch patch through
+// each code writer, timing the whole operation (plan, stop, verify, write,
+// read back, resume) and the freeze window inside it.
+func returnPatch(t *testing.T, ctx context.Context, r *benchreport.Report, g *guest) {
+	patch, err := patcher.LoadPatch("../configs/patches/version-kill-switch.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	live, err := patcher.OpenLive(ctx, g.dom, "gdbstub")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer live.Close()
+	pt := &patcher.Patcher{State: patcher.StateDir{Dir: t.TempDir()}}
+	whole := r.Topic("Return patch, apply + revert", "one apply or one revert of version-kill-switch (return 0 from version_proc_show): plan, stop, re-verify, write, read back, resume")
+	windows := r.Topic("Return patch, freeze window", "how long the vCPUs were stopped inside one apply or revert")
+	for _, kind := range []string{"gdbstub", "direct+ptrace", "direct+suspend"} {
+		waitRunning(t, ctx, g.dom)
+		d, err := live.WithWriter(ctx, kind)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var total, frozen []time.Duration
+		for i := 0; i < runs(50, 3); i++ {
+			t0 := time.Now()
+			res, err := pt.Apply(ctx, d, patch, patcher.ApplyOptions{})
+			if err != nil {
+				t.Fatalf("%s apply: %v", kind, err)
+			}
+			total = append(total, time.Since(t0))
+			frozen = append(frozen, res.Freeze.Window)
+			t0 = time.Now()
+			res, err = pt.Revert(ctx, d, patch.ID)
+			if err != nil {
+				t.Fatalf("%s revert: %v", kind, err)
+			}
+			total = append(total, time.Since(t0))
+			frozen = append(frozen, res.Freeze.Window)
+		}
+		base := "direct+suspend"
+		if kind == base {
+			base = ""
+		}
+		note := ""
+		if kind != "gdbstub" && g.g.Accel == "tcg" {
+			note = "KVM path; under TCG the guest keeps running translated code"
+		}
+		whole.Add(kind, total, base, note)
+		windows.Add(kind, frozen, base, note)
+	}
+}

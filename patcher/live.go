@@ -1,0 +1,151 @@
+package patcher
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/hvpatch/hvpatch/hypervisor"
+	"github.com/hvpatch/hvpatch/introspect"
+	"github.com/hvpatch/hvpatch/symbols"
+)
+
+// KernelTarget is a Target over a guest kernel found by introspect.
+type KernelTarget struct{ K *introspect.Kernel }
+
+func (t KernelTarget) Release() string { return t.K.Release }
+
+func (t KernelTarget) Symbols(name string) []Symbol {
+	var out []Symbol
+	for _, s := range t.K.Symbols.Lookup(name) {
+		if s.Module != "" {
+			continue
+		}
+		size := uint64(0)
+		if symbols.IsText(s.Type) {
+			size = t.K.Symbols.FunctionSize(s)
+		}
+		out = append(out, Symbol{Name: s.Name, Addr: s.Addr, Size: size})
+	}
+	return out
+}
+
+func (t KernelTarget) Describe(addr uint64) string {
+	s, off, ok := t.K.Symbols.Resolve(addr)
+	if !ok {
+		return ""
+	}
+	return fmt.Sprintf("%s+%#x", s.Name, off)
+}
+
+func (t KernelTarget) ReadVirt(va uint64, p []byte) error { return t.K.AS.ReadVirt(va, p) }
+
+func (t KernelTarget) Translate(va uint64) (uint64, uint64, error) {
+	tr, err := t.K.AS.Translate(va)
+	if err != nil {
+		return 0, 0, err
+	}
+	return tr.GPA, tr.PageSize, nil
+}
+
+// Live is a running libvirt domain opened for patching.
+type Live struct {
+	Domain
+	HV     *hypervisor.Domain
+	Mem    hypervisor.PhysMem
+	Kernel *introspect.Kernel
+}
+
+// OpenLive maps the domain's memory, finds its kernel and prepares the code
+// writer of the given kind ("" picks from the accelerator: gdbstub on TCG,
+// direct+ptrace on KVM).
+func OpenLive(ctx context.Context, hv *hypervisor.Domain, writerKind string) (*Live, error) {
+	mem, err := hv.OpenPhysMem(ctx, "")
+	if err != nil {
+		return nil, err
+	}
+	cpus, err := hv.CPUs(ctx)
+	if err != nil {
+		mem.Close()
+		return nil, err
+	}
+	k, err := introspect.Open(ctx, mem, cpus)
+	if err != nil {
+		mem.Close()
+		return nil, fmt.Errorf("domain %s: %w", hv.Name(), err)
+	}
+	w, err := hv.NewCodeWriter(ctx, writerKind, mem)
+	if err != nil {
+		mem.Close()
+		return nil, err
+	}
+	return &Live{
+		Domain: Domain{Name: hv.Name(), UUID: hv.UUID(), Target: KernelTarget{k}, Writer: NewWriter(w, hv)},
+		HV:     hv, Mem: mem, Kernel: k,
+	}, nil
+}
+
+// Close releases the guest memory mapping.
+func (l *Live) Close() error { return l.Mem.Close() }
+
+// WithWriter returns the same domain written through another writer kind.
+func (l *Live) WithWriter(ctx context.Context, kind string) (Domain, error) {
+	w, err := l.HV.NewCodeWriter(ctx, kind, l.Mem)
+	if err != nil {
+		return Domain{}, err
+	}
+	d := l.Domain
+	d.Writer = NewWriter(w, l.HV)
+	return d, nil
+}
+
+// NewWriter adapts a hypervisor code writer. Writers that stop the VM the
+// way the monitor does (libvirt suspend, the gdbstub's vm_stop) can read
+// vCPU registers through the monitor while stopped, which the RIP-checked
+// mode needs; a ptrace freeze must not call the monitor.
+func NewWriter(w hypervisor.CodeWriter, hv *hypervisor.Domain) CodeWriter {
+	return hvWriter{w: w, hv: hv}
+}
+
+type hvWriter struct {
+	w  hypervisor.CodeWriter
+	hv *hypervisor.Domain
+}
+
+func (a hvWriter) Name() string { return a.w.Name() }
+
+func (a hvWriter) Stop(ctx context.Context) (StoppedGuest, error) {
+	sg, err := a.w.Stop(ctx)
+	if err != nil {
+		return nil, err
+	}
+	s := hvStopped{sg}
+	switch a.w.Name() {
+	case "direct+suspend", "gdbstub":
+		return hvStoppedRIPs{s, a.hv}, nil
+	}
+	return s, nil
+}
+
+type hvStopped struct{ hypervisor.StoppedGuest }
+
+func (s hvStopped) Resume() (FreezeReport, error) {
+	r, err := s.StoppedGuest.Resume()
+	return FreezeReport{Window: r.Window, Method: r.Method, VCPUs: r.VCPUs}, err
+}
+
+type hvStoppedRIPs struct {
+	hvStopped
+	hv *hypervisor.Domain
+}
+
+func (s hvStoppedRIPs) RIPs(ctx context.Context) ([]uint64, error) {
+	cpus, err := s.hv.CPUs(ctx)
+	if err != nil {
+		return nil, err
+	}
+	rips := make([]uint64, len(cpus))
+	for i, c := range cpus {
+		rips[i] = c.RIP
+	}
+	return rips, nil
+}

@@ -1,0 +1,272 @@
+package patcher
+
+import (
+	"bytes"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path"
+	"regexp"
+	"strings"
+
+	"gopkg.in/yaml.v3"
+)
+
+// Patch is one patch file: what to change, and on which kernels.
+type Patch struct {
+	ID          string `yaml:"id"`
+	Description string `yaml:"description"`
+	Match       Match  `yaml:"match"`
+	Edits       []Edit `yaml:"edits"`
+}
+
+// Match says which guest kernels a patch is meant for. A kernel matches when
+// its release matches one of the Release globs (if any are given) and its
+// GNU build id equals one of BuildIDs (if any are given).
+type Match struct {
+	Release  StringList `yaml:"release"`
+	BuildIDs StringList `yaml:"build_id"`
+}
+
+// Edit kinds.
+const (
+	KindReturn = "return"
+	KindBytes  = "bytes"
+)
+
+// Edit is one change of a patch.
+type Edit struct {
+	Kind string `yaml:"kind"`
+
+	// return: Function returns Value (or nothing, when Void) at once.
+	Function string `yaml:"function,omitempty"`
+	Value    *int64 `yaml:"value,omitempty"`
+	Void     bool   `yaml:"void,omitempty"`
+
+	// bytes: at Symbol+Offset, Expect is replaced by Replace.
+	Symbol  string   `yaml:"symbol,omitempty"`
+	Offset  *uint64  `yaml:"offset,omitempty"`
+	Expect  HexBytes `yaml:"expect,omitempty"`
+	Replace HexBytes `yaml:"replace,omitempty"`
+}
+
+// MaxEditBytes bounds a bytes edit: longer rewrites are function
+// replacements, not byte edits.
+const MaxEditBytes = 64
+
+// HexBytes is a byte string written in hex in the patch file ("74 0c" or
+// "740c").
+type HexBytes []byte
+
+func (h *HexBytes) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind != yaml.ScalarNode || n.Tag != "!!str" {
+		return fmt.Errorf("line %d: want a quoted hex byte string like \"74 0c\"", n.Line)
+	}
+	b, err := ParseHex(n.Value)
+	if err != nil {
+		return fmt.Errorf("line %d: %w", n.Line, err)
+	}
+	*h = b
+	return nil
+}
+
+func (h HexBytes) MarshalYAML() (any, error) { return FormatHex(h), nil }
+
+// ParseHex reads hex bytes, optionally separated by spaces.
+func ParseHex(s string) ([]byte, error) {
+	compact := strings.Join(strings.Fields(s), "")
+	if compact == "" {
+		return nil, fmt.Errorf("empty hex byte string")
+	}
+	for _, f := range strings.Fields(s) {
+		if len(f)%2 != 0 {
+			return nil, fmt.Errorf("hex byte string %q: %q is not a whole number of bytes", s, f)
+		}
+	}
+	b, err := hex.DecodeString(compact)
+	if err != nil {
+		return nil, fmt.Errorf("hex byte string %q: %w", s, err)
+	}
+	return b, nil
+}
+
+// FormatHex writes bytes as "74 0c".
+func FormatHex(b []byte) string {
+	if len(b) == 0 {
+		return ""
+	}
+	return fmt.Sprintf("% x", b)
+}
+
+// StringList is one string or a list of strings in the patch file.
+type StringList []string
+
+func (l *StringList) UnmarshalYAML(n *yaml.Node) error {
+	switch n.Kind {
+	case yaml.ScalarNode:
+		if !textScalar(n) {
+			return fmt.Errorf("line %d: want a string, got %s", n.Line, n.Tag)
+		}
+		*l = StringList{n.Value}
+		return nil
+	case yaml.SequenceNode:
+		out := make(StringList, 0, len(n.Content))
+		for _, c := range n.Content {
+			if c.Kind != yaml.ScalarNode || !textScalar(c) {
+				return fmt.Errorf("line %d: want a string", c.Line)
+			}
+			out = append(out, c.Value)
+		}
+		*l = out
+		return nil
+	}
+	return fmt.Errorf("line %d: want a string or a list of strings", n.Line)
+}
+
+// textScalar accepts scalars YAML would read as numbers too: a release
+// "6.1" or an all-digit build id is meant as the text written.
+func textScalar(n *yaml.Node) bool {
+	return n.Tag == "!!str" || n.Tag == "!!int" || n.Tag == "!!float"
+}
+
+var (
+	idPattern     = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
+	symbolPattern = regexp.MustCompile(`^[A-Za-z_.$][A-Za-z0-9_.$]{0,127}$`)
+	buildIDHex    = regexp.MustCompile(`^[0-9a-f]{8,128}$`)
+)
+
+// LoadPatch reads and validates a patch file.
+func LoadPatch(file string) (*Patch, error) {
+	data, err := os.ReadFile(file)
+	if err != nil {
+		return nil, err
+	}
+	p, err := ParsePatch(data)
+	if err != nil {
+		return nil, fmt.Errorf("patch file %s: %w", file, err)
+	}
+	return p, nil
+}
+
+// ParsePatch parses and validates one patch document. It is strict: unknown
+// fields, a second document, malformed hex and inconsistent edits are errors.
+func ParsePatch(data []byte) (*Patch, error) {
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	var p Patch
+	if err := dec.Decode(&p); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, fmt.Errorf("empty patch file")
+		}
+		return nil, err
+	}
+	var extra yaml.Node
+	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("a patch file holds exactly one YAML document")
+	}
+	if err := p.Validate(); err != nil {
+		return nil, err
+	}
+	return &p, nil
+}
+
+// Validate checks a patch for everything that does not need the guest. It
+// also lower-cases build ids, the form BuildID returns.
+func (p *Patch) Validate() error {
+	if !idPattern.MatchString(p.ID) {
+		return fmt.Errorf("id %q: want 1-64 characters of a-z 0-9 . _ -, starting with a letter or digit", p.ID)
+	}
+	if len(p.Match.Release) == 0 && len(p.Match.BuildIDs) == 0 {
+		return fmt.Errorf("patch %s: match needs a release glob or a build_id", p.ID)
+	}
+	for _, g := range p.Match.Release {
+		if g == "" {
+			return fmt.Errorf("patch %s: empty release glob", p.ID)
+		}
+		if _, err := path.Match(g, ""); err != nil {
+			return fmt.Errorf("patch %s: release glob %q: %w", p.ID, g, err)
+		}
+	}
+	for i, id := range p.Match.BuildIDs {
+		norm := strings.ToLower(id)
+		if !buildIDHex.MatchString(norm) || len(norm)%2 != 0 {
+			return fmt.Errorf("patch %s: build_id %q: want hex digits (as readelf -n prints them)", p.ID, id)
+		}
+		p.Match.BuildIDs[i] = norm
+	}
+	if len(p.Edits) == 0 {
+		return fmt.Errorf("patch %s: no edits", p.ID)
+	}
+	for i := range p.Edits {
+		if err := p.Edits[i].validate(); err != nil {
+			return fmt.Errorf("patch %s: edit %d: %w", p.ID, i+1, err)
+		}
+	}
+	return nil
+}
+
+func (e *Edit) validate() error {
+	switch e.Kind {
+	case KindReturn:
+		if e.Symbol != "" || e.Offset != nil || e.Expect != nil || e.Replace != nil {
+			return fmt.Errorf("kind return takes function and value (or void), not symbol/offset/expect/replace")
+		}
+		if !symbolPattern.MatchString(e.Function) {
+			return fmt.Errorf("kind return: function %q is not a symbol name", e.Function)
+		}
+		if (e.Value == nil) == !e.Void {
+			return fmt.Errorf("kind return: give exactly one of value: N or void: true")
+		}
+		if e.Value != nil {
+			if _, err := ReturnSequence(*e.Value, false); err != nil {
+				return fmt.Errorf("function %s: %w", e.Function, err)
+			}
+		}
+	case KindBytes:
+		if e.Function != "" || e.Value != nil || e.Void {
+			return fmt.Errorf("kind bytes takes symbol, offset, expect and replace, not function/value/void")
+		}
+		if !symbolPattern.MatchString(e.Symbol) {
+			return fmt.Errorf("kind bytes: symbol %q is not a symbol name", e.Symbol)
+		}
+		if e.Offset == nil {
+			return fmt.Errorf("kind bytes: offset missing")
+		}
+		if *e.Offset > 1<<20 {
+			return fmt.Errorf("kind bytes: offset %#x is beyond any function", *e.Offset)
+		}
+		if len(e.Expect) == 0 || len(e.Replace) == 0 {
+			return fmt.Errorf("kind bytes: expect and replace are both required")
+		}
+		if len(e.Expect) != len(e.Replace) {
+			return fmt.Errorf("kind bytes: expect has %d bytes, replace %d: they must be the same length", len(e.Expect), len(e.Replace))
+		}
+		if len(e.Expect) > MaxEditBytes {
+			return fmt.Errorf("kind bytes: %d bytes is more than the %d a bytes edit may change", len(e.Expect), MaxEditBytes)
+		}
+		if bytes.Equal(e.Expect, e.Replace) {
+			return fmt.Errorf("kind bytes: replace equals expect, the edit changes nothing")
+		}
+	case "":
+		return fmt.Errorf("kind missing (return or bytes)")
+	default:
+		return fmt.Errorf("unknown kind %q (want return or bytes)", e.Kind)
+	}
+	return nil
+}
+
+// String describes an edit in a line.
+func (e *Edit) String() string {
+	switch e.Kind {
+	case KindReturn:
+		if e.Void {
+			return fmt.Sprintf("return from %s at once", e.Function)
+		}
+		return fmt.Sprintf("%s returns %d at once", e.Function, *e.Value)
+	case KindBytes:
+		return fmt.Sprintf("%s+%#x: %s -> %s", e.Symbol, *e.Offset, FormatHex(e.Expect), FormatHex(e.Replace))
+	}
+	return e.Kind
+}

@@ -1,0 +1,145 @@
+package patcher
+
+import (
+	"fmt"
+	"strings"
+)
+
+// Memory states of a journaled patch, as read from the guest.
+const (
+	MemApplied    = "applied"     // every edit holds its new bytes
+	MemNotApplied = "not applied" // every edit holds its original bytes
+	MemMixed      = "mixed"       // some edits new, some original
+	MemUnknown    = "unknown bytes"
+	MemRebooted   = "gone (guest rebooted)"
+)
+
+// PatchStatus is one journaled patch compared with guest memory.
+type PatchStatus struct {
+	Entry   JournalPatch
+	Memory  string   // one of the Mem* states
+	Details []string // per-edit findings when not simply applied
+	// Difference says what did not match the journal, "" when nothing.
+	Difference string
+}
+
+// Status is a domain's journal reconciled with its memory.
+type Status struct {
+	Domain, UUID string
+	Release      string
+	BootID       string
+	Patches      []PatchStatus
+	// Changed is set when the journal was rewritten to match memory.
+	Changed bool
+}
+
+// Reconcile compares the domain's journal with what guest memory holds,
+// reports every difference and rewrites the journal to match the guest:
+// entries of an earlier boot and patches no longer in memory are dropped,
+// a pending apply found complete becomes applied. Entries with bytes that
+// are neither original nor patched are kept and reported.
+func (pt *Patcher) Reconcile(d Domain) (*Status, error) {
+	lock, err := pt.State.Lock(d.Name, d.UUID)
+	if err != nil {
+		return nil, err
+	}
+	defer lock.Unlock()
+	j, err := pt.State.Load(d.Name, d.UUID)
+	if err != nil {
+		return nil, err
+	}
+	return pt.reconcile(d, j)
+}
+
+// Differences lists the patches whose journal entry did not match memory.
+func (st *Status) Differences() []PatchStatus {
+	var out []PatchStatus
+	for _, ps := range st.Patches {
+		if ps.Difference != "" {
+			out = append(out, ps)
+		}
+	}
+	return out
+}
+
+// reconcile does Reconcile's work with the lock held and j loaded; j is
+// updated in place.
+func (pt *Patcher) reconcile(d Domain, j *Journal) (*Status, error) {
+	bootID, err := BootIdentity(d.Target)
+	if err != nil {
+		return nil, fmt.Errorf("domain %s: %w", d.Name, err)
+	}
+	st := &Status{Domain: d.Name, UUID: d.UUID, Release: d.Target.Release(), BootID: bootID}
+	var keep []JournalPatch
+	for _, jp := range j.Patches {
+		ps := PatchStatus{Entry: jp}
+		if jp.BootID != bootID {
+			ps.Memory = MemRebooted
+			kernel := ""
+			if jp.Release != st.Release {
+				kernel = fmt.Sprintf(", kernel %s then, %s now", jp.Release, st.Release)
+			}
+			ps.Difference = fmt.Sprintf("journal says %s, but the guest has rebooted since (boot identity changed%s): the patch is gone", jp.State, kernel)
+			st.Patches = append(st.Patches, ps)
+			st.Changed = true
+			continue
+		}
+		ps.Memory, ps.Details = memoryState(d.Target, jp)
+		switch {
+		case ps.Memory == MemApplied && jp.State != StateApplied:
+			ps.Difference = fmt.Sprintf("journal says %s, memory holds the patch: recorded as applied", jp.State)
+			jp.State = StateApplied
+			st.Changed = true
+		case ps.Memory == MemNotApplied && jp.State == StateApplied:
+			ps.Difference = "journal says applied, memory holds the original bytes (reverted outside hvpatch?): removed from the journal"
+			st.Changed = true
+		case ps.Memory == MemNotApplied:
+			ps.Difference = fmt.Sprintf("journal says %s, memory holds the original bytes: removed from the journal", jp.State)
+			st.Changed = true
+		case ps.Memory == MemMixed || ps.Memory == MemUnknown:
+			ps.Difference = fmt.Sprintf("journal says %s, memory holds %s: %s", jp.State, ps.Memory, strings.Join(ps.Details, "; "))
+		}
+		ps.Entry = jp
+		if ps.Memory != MemNotApplied {
+			keep = append(keep, jp)
+		}
+		st.Patches = append(st.Patches, ps)
+	}
+	if st.Changed {
+		j.Patches = keep
+		if err := pt.State.Save(j); err != nil {
+			return st, err
+		}
+	}
+	return st, nil
+}
+
+func memoryState(t Target, jp JournalPatch) (string, []string) {
+	var nNew, nOld int
+	var details []string
+	for _, je := range jp.Edits {
+		cur := make([]byte, len(je.New))
+		if err := t.ReadVirt(je.VA, cur); err != nil {
+			details = append(details, fmt.Sprintf("%s+%#x: %v", je.Symbol, je.Offset, err))
+			continue
+		}
+		switch string(cur) {
+		case string(je.New):
+			nNew++
+		case string(je.Old):
+			nOld++
+			details = append(details, fmt.Sprintf("%s+%#x holds the original % x", je.Symbol, je.Offset, cur))
+		default:
+			details = append(details, fmt.Sprintf("%s+%#x holds % x (original % x, patched % x)", je.Symbol, je.Offset, cur, []byte(je.Old), []byte(je.New)))
+		}
+	}
+	switch {
+	case nNew == len(jp.Edits):
+		return MemApplied, nil
+	case nOld == len(jp.Edits):
+		return MemNotApplied, details
+	case nNew+nOld == len(jp.Edits):
+		return MemMixed, details
+	}
+	return MemUnknown, details
+}

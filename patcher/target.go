@@ -1,0 +1,136 @@
+package patcher
+
+import (
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"fmt"
+)
+
+// Symbol is a guest kernel symbol as the planner needs it.
+type Symbol struct {
+	Name string
+	Addr uint64
+	Size uint64 // 0 when unknown
+}
+
+// Target is the guest kernel seen from the host: symbols and virtual memory.
+// A live guest (introspect.Kernel) and a fixture in tests both provide it.
+type Target interface {
+	// Release is the kernel release from the banner, e.g. 6.1.0-56-cloud-amd64.
+	Release() string
+	// Symbols returns every symbol of that name (static names can repeat).
+	Symbols(name string) []Symbol
+	// Describe names the symbol holding addr ("func+0x12"), or "".
+	Describe(addr uint64) string
+	ReadVirt(va uint64, p []byte) error
+	// Translate gives the guest-physical address of va and the size of the
+	// page that maps it.
+	Translate(va uint64) (gpa, pageSize uint64, err error)
+}
+
+// maxNotes bounds how much of the notes section is read.
+const maxNotes = 64 << 10
+
+// BuildID returns the kernel's GNU build id (hex, as readelf prints it),
+// read from the ELF notes the kernel keeps in memory between __start_notes
+// and __stop_notes. "" with a nil error means the kernel has no such note.
+func BuildID(t Target) (string, error) {
+	start, err := uniqueSymbol(t, "__start_notes")
+	if err != nil {
+		return "", nil // kernels without the notes section have no build id to offer
+	}
+	stop, err := uniqueSymbol(t, "__stop_notes")
+	if err != nil || stop.Addr < start.Addr || stop.Addr-start.Addr > maxNotes {
+		return "", fmt.Errorf("kernel notes: bad bounds __start_notes %#x __stop_notes %#x", start.Addr, stop.Addr)
+	}
+	notes := make([]byte, stop.Addr-start.Addr)
+	if err := t.ReadVirt(start.Addr, notes); err != nil {
+		return "", fmt.Errorf("reading kernel notes at %#x: %w", start.Addr, err)
+	}
+	id, err := ParseBuildIDNote(notes)
+	if err != nil {
+		return "", fmt.Errorf("kernel notes at %#x: %w", start.Addr, err)
+	}
+	return hex.EncodeToString(id), nil
+}
+
+// ParseBuildIDNote finds the NT_GNU_BUILD_ID descriptor in a sequence of
+// ELF notes (4-byte aligned, as in a 64-bit kernel's .notes). It returns nil
+// if there is none.
+func ParseBuildIDNote(notes []byte) ([]byte, error) {
+	const ntGNUBuildID = 3
+	align := func(n uint64) uint64 { return (n + 3) &^ 3 }
+	for off := uint64(0); off+12 <= uint64(len(notes)); {
+		namesz := uint64(binary.LittleEndian.Uint32(notes[off:]))
+		descsz := uint64(binary.LittleEndian.Uint32(notes[off+4:]))
+		typ := binary.LittleEndian.Uint32(notes[off+8:])
+		name := off + 12
+		desc := name + align(namesz)
+		next := desc + align(descsz)
+		if namesz > uint64(len(notes)) || descsz > uint64(len(notes)) || next > uint64(len(notes)) {
+			return nil, fmt.Errorf("note at offset %#x runs past the end (namesz %d descsz %d)", off, namesz, descsz)
+		}
+		if typ == ntGNUBuildID && namesz == 4 && string(notes[name:name+4]) == "GNU\x00" {
+			return append([]byte(nil), notes[desc:desc+descsz]...), nil
+		}
+		off = next
+	}
+	return nil, nil
+}
+
+// bootIdentityVars are variables the kernel randomises at every boot
+// (KASLR of the direct map, vmalloc and vmemmap areas). With the kernel's
+// own load address they tell one boot from the next.
+var bootIdentityVars = []string{"page_offset_base", "vmalloc_base", "vmemmap_base"}
+
+// BootIdentity returns a string that changes when the guest reboots: a
+// hash of the release, the address of _text (KASLR slide) and the values
+// of the randomised region bases. Two boots collide only if every one of
+// them lands on the same random choices; a guest booted with nokaslr has
+// the same identity every boot, which reconcile covers by checking the
+// bytes themselves.
+func BootIdentity(t Target) (string, error) {
+	h := sha256.New()
+	h.Write([]byte(t.Release()))
+	text, err := uniqueSymbol(t, "_text")
+	if err != nil {
+		return "", fmt.Errorf("boot identity: %w", err)
+	}
+	binary.Write(h, binary.LittleEndian, text.Addr)
+	for _, name := range bootIdentityVars {
+		s, err := uniqueSymbol(t, name)
+		if err != nil {
+			continue // older kernels lack some; the others still count
+		}
+		var v [8]byte
+		if err := t.ReadVirt(s.Addr, v[:]); err != nil {
+			return "", fmt.Errorf("boot identity: reading %s at %#x: %w", name, s.Addr, err)
+		}
+		h.Write(v[:])
+	}
+	return hex.EncodeToString(h.Sum(nil)[:16]), nil
+}
+
+func uniqueSymbol(t Target, name string) (Symbol, error) {
+	var syms []Symbol
+	for _, s := range t.Symbols(name) {
+		if len(syms) == 0 || s.Addr != syms[0].Addr { // aliases at one address are one symbol
+			syms = append(syms, s)
+		}
+	}
+	switch len(syms) {
+	case 0:
+		return Symbol{}, fmt.Errorf("unknown symbol %s in guest kernel %s", name, t.Release())
+	case 1:
+		return syms[0], nil
+	}
+	addrs := ""
+	for i, s := range syms {
+		if i > 0 {
+			addrs += ", "
+		}
+		addrs += fmt.Sprintf("%#x", s.Addr)
+	}
+	return Symbol{}, fmt.Errorf("symbol %s is ambiguous in guest kernel %s: %d definitions at %s", name, t.Release(), len(syms), addrs)
+}
