@@ -1,9 +1,7 @@
 package main
 
 import (
-	"io"
-	"strconv"
-
+	"github.com/hvpatch/hvpatch/service"
 	"github.com/spf13/cobra"
 )
 
@@ -16,25 +14,25 @@ func newDomainsCmd(a *app) *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			c, err := a.Connect(ctx)
+			var doms service.Domains
+			c, err := a.daemon()
 			if err != nil {
 				return err
 			}
-			doms, err := c.Domains(ctx)
-			if err != nil {
-				return err
-			}
-			return a.out.Emit(doms, func(w io.Writer) error {
-				rows := make([][]string, len(doms))
-				for i, d := range doms {
-					id := "-"
-					if d.ID > 0 {
-						id = strconv.Itoa(d.ID)
-					}
-					rows[i] = []string{id, d.Name, d.State, d.UUID}
+			if c != nil {
+				if err := c.get(ctx, "/domains", nil, &doms); err != nil {
+					return err
 				}
-				return Table(w, []string{"id", "name", "state", "uuid"}, rows)
-			})
+			} else {
+				conn, err := a.Connect(ctx)
+				if err != nil {
+					return err
+				}
+				if doms, err = conn.Domains(ctx); err != nil {
+					return err
+				}
+			}
+			return a.out.Emit(doms, doms.WriteText)
 		},
 	}
 }

@@ -2,11 +2,10 @@ package main
 
 import (
 	"fmt"
-	"io"
-	"time"
 
 	"github.com/hvpatch/hvpatch/hypervisor"
 	"github.com/hvpatch/hvpatch/introspect"
+	"github.com/hvpatch/hvpatch/service"
 	"github.com/spf13/cobra"
 )
 
@@ -71,22 +70,8 @@ func (s *kernelSource) open(cmd *cobra.Command, a *app, source string) (*introsp
 	return k, func() { mem.Close() }, nil
 }
 
-type infoResult struct {
-	Source        string  `json:"source"`
-	Release       string  `json:"release"`
-	Banner        string  `json:"banner"`
-	Text          string  `json:"text"`
-	End           string  `json:"end"`
-	Slide         string  `json:"slide"`
-	PhysBase      string  `json:"phys_base"`
-	DirectMapBase string  `json:"direct_map_base"`
-	Paging        string  `json:"paging"`
-	CR3           string  `json:"cr3"`
-	Symbols       int     `json:"symbols"`
-	BTF           bool    `json:"btf"`
-	AttachMS      float64 `json:"attach_ms"`
-	Timings       string  `json:"timings"`
-}
+// infoResult is the JSON of "info" (tests decode it).
+type infoResult = service.Info
 
 func newInfoCmd(a *app) *cobra.Command {
 	var src kernelSource
@@ -99,39 +84,17 @@ func newInfoCmd(a *app) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			k, done, err := src.open(cmd, a, source)
+			res, err := kernelQuery(cmd, a, &src, source, "info", nil, func(k *introspect.Kernel) (service.Info, error) {
+				return service.KernelInfo(source, k), nil
+			})
 			if err != nil {
 				return err
 			}
-			defer done()
-			res := infoResult{
-				Source: source, Release: k.Release, Banner: k.Banner,
-				Text: hexAddr(k.TextStart), End: hexAddr(k.TextEnd), Slide: hexAddr(k.Slide), PhysBase: hexAddr(k.PhysBase),
-				DirectMapBase: hexAddr(k.DirectMapBase), Paging: k.PagingMode(), CR3: hexAddr(k.CR3),
-				Symbols: k.Symbols.Len(), BTF: k.BTF != nil,
-				AttachMS: float64(k.AttachTime.Microseconds()) / 1000, Timings: k.Timings.String(),
-			}
-			return a.out.Emit(res, func(w io.Writer) error {
-				yes := map[bool]string{true: "yes", false: "no"}
-				rows := [][2]string{
-					{"Source", source}, {"Release", k.Release}, {"Banner", k.Banner},
-					{"Kernel image", fmt.Sprintf("%#x-%#x", k.TextStart, k.TextEnd)},
-					{"KASLR slide", hexAddr(k.Slide)}, {"Physical base", hexAddr(k.PhysBase)},
-					{"Direct map", hexAddr(k.DirectMapBase)}, {"Paging", k.PagingMode()}, {"CR3", hexAddr(k.CR3)},
-					{"Symbols", fmt.Sprint(k.Symbols.Len())}, {"BTF", yes[k.BTF != nil]},
-					{"Attach time", fmt.Sprintf("%v (%s)", k.AttachTime.Round(10*time.Microsecond), k.Timings)},
-				}
-				for _, r := range rows {
-					if _, err := fmt.Fprintf(w, "%-14s %s\n", r[0]+":", r[1]); err != nil {
-						return err
-					}
-				}
-				return nil
-			})
+			return a.out.Emit(res, res.WriteText)
 		},
 	}
 	src.flags(cmd)
 	return cmd
 }
 
-func hexAddr(v uint64) string { return fmt.Sprintf("%#x", v) }
+func hexAddr(v uint64) string { return service.HexAddr(v) }

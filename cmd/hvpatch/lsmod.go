@@ -1,19 +1,15 @@
 package main
 
 import (
-	"fmt"
-	"io"
-
+	"github.com/hvpatch/hvpatch/introspect"
+	"github.com/hvpatch/hvpatch/service"
 	"github.com/spf13/cobra"
 )
 
 func init() { addCommand(newLsmodCmd) }
 
-type moduleJSON struct {
-	Name string `json:"name"`
-	Size uint64 `json:"size"`
-	Base string `json:"base"`
-}
+// moduleJSON is the JSON of one module (tests decode it).
+type moduleJSON = service.Module
 
 func newLsmodCmd(a *app) *cobra.Command {
 	var src kernelSource
@@ -26,26 +22,13 @@ func newLsmodCmd(a *app) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			k, done, err := src.open(cmd, a, source)
+			res, err := kernelQuery(cmd, a, &src, source, "lsmod", nil, func(k *introspect.Kernel) (service.Modules, error) {
+				return service.Lsmod(source, k)
+			})
 			if err != nil {
 				return err
 			}
-			defer done()
-			mods, err := k.Modules()
-			if err != nil {
-				return fmt.Errorf("%s: %w", source, err)
-			}
-			out := make([]moduleJSON, 0, len(mods))
-			for _, m := range mods {
-				out = append(out, moduleJSON{Name: m.Name, Size: m.Size, Base: hexAddr(m.Base)})
-			}
-			return a.out.Emit(out, func(w io.Writer) error {
-				rows := make([][]string, 0, len(out))
-				for _, m := range out {
-					rows = append(rows, []string{m.Name, fmt.Sprint(m.Size), m.Base})
-				}
-				return Table(w, []string{"module", "size", "base"}, rows)
-			})
+			return a.out.Emit(res, res.WriteText)
 		},
 	}
 	src.flags(cmd)

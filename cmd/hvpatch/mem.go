@@ -1,20 +1,21 @@
 package main
 
 import (
-	"encoding/hex"
 	"fmt"
 	"io"
+	"net/url"
 	"strconv"
 	"strings"
 
 	"github.com/hvpatch/hvpatch/hypervisor"
+	"github.com/hvpatch/hvpatch/service"
 	"github.com/spf13/cobra"
 )
 
 func init() { addCommand(newMemCmd) }
 
 // maxMemRead bounds one "mem read": the output is a hex dump.
-const maxMemRead = 16 << 20
+const maxMemRead = service.MaxMemRead
 
 func newMemCmd(a *app) *cobra.Command {
 	mem := &cobra.Command{Use: "mem", Short: "Read guest memory"}
@@ -54,6 +55,20 @@ func newMemCmd(a *app) *cobra.Command {
 			if err != nil || n == 0 || n > maxMemRead {
 				return fmt.Errorf("LEN %q: want a number of bytes from 1 to %d", args[0], maxMemRead)
 			}
+			if dump == "" && backend == "" {
+				c, err := a.daemon()
+				if err != nil {
+					return err
+				}
+				if c != nil {
+					var res service.Bytes
+					q := url.Values{"phys": {fmt.Sprintf("%#x", gpa)}, "len": {fmt.Sprint(n)}}
+					if err := c.get(cmd.Context(), domainPath(source, "mem"), q, &res); err != nil {
+						return err
+					}
+					return a.out.Emit(res, res.WriteText)
+				}
+			}
 			var m hypervisor.PhysMem
 			switch {
 			case dump != "" && rawBase != "":
@@ -81,18 +96,11 @@ func newMemCmd(a *app) *cobra.Command {
 				}
 			}
 			defer m.Close()
-			buf := make([]byte, n)
-			if err := m.ReadPhys(gpa, buf); err != nil {
-				return fmt.Errorf("%s: %w", source, err)
+			res, err := service.MemRead(source, m, gpa, n)
+			if err != nil {
+				return err
 			}
-			type result struct {
-				Source string `json:"source"`
-				Phys   string `json:"phys"`
-				Length int    `json:"length"`
-				Hex    string `json:"hex"`
-			}
-			res := result{Source: source, Phys: fmt.Sprintf("%#x", gpa), Length: len(buf), Hex: hex.EncodeToString(buf)}
-			return a.out.Emit(res, func(w io.Writer) error { return hexDump(w, gpa, buf) })
+			return a.out.Emit(res, res.WriteText)
 		},
 	}
 	f := read.Flags()
@@ -110,28 +118,4 @@ func parseNum(s string) (uint64, error) {
 }
 
 // hexDump prints 16 bytes a line: address, bytes, printable characters.
-func hexDump(w io.Writer, addr uint64, b []byte) error {
-	for off := 0; off < len(b); off += 16 {
-		line := b[off:min(off+16, len(b))]
-		var hx, asc strings.Builder
-		for i := 0; i < 16; i++ {
-			if i == 8 {
-				hx.WriteByte(' ')
-			}
-			if i < len(line) {
-				fmt.Fprintf(&hx, "%02x ", line[i])
-				c := line[i]
-				if c < 0x20 || c > 0x7e {
-					c = '.'
-				}
-				asc.WriteByte(c)
-			} else {
-				hx.WriteString("   ")
-			}
-		}
-		if _, err := fmt.Fprintf(w, "%016x  %s |%s|\n", addr+uint64(off), hx.String(), asc.String()); err != nil {
-			return err
-		}
-	}
-	return nil
-}
+func hexDump(w io.Writer, addr uint64, b []byte) error { return service.HexDump(w, addr, b) }

@@ -15,8 +15,14 @@ type app struct {
 	timeout time.Duration
 	json    bool
 
-	out  *Output
-	conn *hypervisor.Conn
+	// daemonSocket is hvpatchd's API socket; commands go through the
+	// daemon when it serves there, unless standalone is set.
+	daemonSocket string
+	standalone   bool
+
+	out    *Output
+	conn   *hypervisor.Conn
+	client *daemonClient
 }
 
 // commands are the subcommand constructors; each command group's file adds
@@ -48,6 +54,8 @@ func newRootCmd() *cobra.Command {
 	pf.StringVar(&a.socket, "socket", hypervisor.DefaultSocket, "libvirtd unix socket")
 	pf.DurationVar(&a.timeout, "timeout", hypervisor.DefaultTimeout, "bound on each libvirt call")
 	pf.BoolVar(&a.json, "json", false, "print JSON instead of text")
+	pf.StringVar(&a.daemonSocket, "daemon-socket", daemonSocketDefault(), "hvpatchd's API socket (env HVPATCH_DAEMON_SOCKET); used when a daemon serves there")
+	pf.BoolVar(&a.standalone, "standalone", false, "do not use hvpatchd even when it runs: reach libvirt and guest memory directly")
 	for _, f := range commands {
 		root.AddCommand(f(a))
 	}

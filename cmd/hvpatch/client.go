@@ -1,0 +1,185 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/hvpatch/hvpatch/introspect"
+	"github.com/hvpatch/hvpatch/patchsign"
+	"github.com/hvpatch/hvpatch/service"
+	"github.com/spf13/cobra"
+)
+
+// defaultDaemonSocket is where hvpatchd listens unless configured otherwise.
+const defaultDaemonSocket = "/run/hvpatch/hvpatchd.sock"
+
+func daemonSocketDefault() string {
+	if s := os.Getenv("HVPATCH_DAEMON_SOCKET"); s != "" {
+		return s
+	}
+	return defaultDaemonSocket
+}
+
+// daemonClient talks to hvpatchd's API on its unix socket.
+type daemonClient struct {
+	socket string
+	hc     *http.Client
+}
+
+// daemon returns a client of the running hvpatchd, or nil when the command
+// should run standalone: --standalone, or no daemon at the socket (absent,
+// or left behind by a daemon that died). A socket this user may not use is
+// an error, not a silent fallback: the daemon is there, access is refused.
+func (a *app) daemon() (*daemonClient, error) {
+	if a.standalone {
+		return nil, nil
+	}
+	if a.client != nil {
+		return a.client, nil
+	}
+	c, err := net.DialTimeout("unix", a.daemonSocket, 2*time.Second)
+	if err != nil {
+		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
+			return nil, nil
+		}
+		if errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM) {
+			return nil, fmt.Errorf("hvpatchd socket %s: permission denied (its group may use it; --standalone runs without the daemon)", a.daemonSocket)
+		}
+		return nil, fmt.Errorf("hvpatchd socket %s: %w", a.daemonSocket, err)
+	}
+	c.Close()
+	path := a.daemonSocket
+	a.client = &daemonClient{socket: path, hc: &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		},
+	}}}
+	return a.client, nil
+}
+
+func (c *daemonClient) do(ctx context.Context, method, path string, q url.Values, body, out any) error {
+	u := "http://hvpatchd" + service.APIVersion + path
+	if len(q) > 0 {
+		u += "?" + q.Encode()
+	}
+	var rd io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return err
+		}
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, u, rd)
+	if err != nil {
+		return err
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("hvpatchd at %s: %w", c.socket, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		var e service.ErrorBody
+		if err := json.NewDecoder(resp.Body).Decode(&e); err != nil || e.Error == "" {
+			return fmt.Errorf("hvpatchd at %s: %s", c.socket, resp.Status)
+		}
+		return errors.New(e.Error)
+	}
+	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+		return fmt.Errorf("hvpatchd at %s: bad answer: %w", c.socket, err)
+	}
+	return nil
+}
+
+func (c *daemonClient) get(ctx context.Context, path string, q url.Values, out any) error {
+	return c.do(ctx, http.MethodGet, path, q, nil, out)
+}
+
+func domainPath(name, what string) string { return "/domains/" + url.PathEscape(name) + "/" + what }
+
+// kernelQuery answers a question about a guest kernel through the daemon
+// when one serves (and the source is a domain, not a dump or a chosen
+// memory backend), otherwise locally. Both return the same result type.
+func kernelQuery[T any](cmd *cobra.Command, a *app, s *kernelSource, source, what string, q url.Values, local func(k *introspect.Kernel) (T, error)) (T, error) {
+	var zero T
+	if s.dump == "" && s.backend == "" {
+		c, err := a.daemon()
+		if err != nil {
+			return zero, err
+		}
+		if c != nil {
+			var v T
+			return v, c.get(cmd.Context(), domainPath(source, what), q, &v)
+		}
+	}
+	k, done, err := s.open(cmd, a, source)
+	if err != nil {
+		return zero, err
+	}
+	defer done()
+	return local(k)
+}
+
+// DaemonApply sends an apply of the patch file to hvpatchd, with its
+// signature (FILE.sig) when there is one. handled is false when no daemon
+// serves: the caller then applies standalone. apply.go calls it first.
+func (a *app) DaemonApply(ctx context.Context, domain, file string, dryRun, ripChecked bool) (res *service.PatchResult, handled bool, err error) {
+	c, err := a.daemon()
+	if err != nil || c == nil {
+		return nil, false, err
+	}
+	data, err := os.ReadFile(file)
+	if err != nil {
+		return nil, true, err
+	}
+	req := service.ApplyRequest{Patch: string(data), File: file, DryRun: dryRun, RIPChecked: ripChecked}
+	if sig, err := os.ReadFile(file + patchsign.SignatureSuffix); err == nil {
+		req.Signature = string(sig)
+	}
+	var out service.PatchResult
+	if err := c.do(ctx, http.MethodPost, domainPath(domain, "apply"), nil, req, &out); err != nil {
+		return nil, true, err
+	}
+	return &out, true, nil
+}
+
+// DaemonRevert is DaemonApply for a revert.
+func (a *app) DaemonRevert(ctx context.Context, domain, id string) (*service.PatchResult, bool, error) {
+	c, err := a.daemon()
+	if err != nil || c == nil {
+		return nil, false, err
+	}
+	var out service.PatchResult
+	if err := c.do(ctx, http.MethodPost, domainPath(domain, "revert"), nil, service.RevertRequest{ID: id}, &out); err != nil {
+		return nil, true, err
+	}
+	return &out, true, nil
+}
+
+// DaemonStatus is DaemonApply for a status.
+func (a *app) DaemonStatus(ctx context.Context, domain string) (*service.Status, bool, error) {
+	c, err := a.daemon()
+	if err != nil || c == nil {
+		return nil, false, err
+	}
+	var out service.Status
+	if err := c.get(ctx, domainPath(domain, "status"), nil, &out); err != nil {
+		return nil, true, err
+	}
+	return &out, true, nil
+}

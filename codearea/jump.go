@@ -1,0 +1,116 @@
+package codearea
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+	"math"
+	"strings"
+
+	"github.com/hvpatch/hvpatch/introspect"
+	"github.com/hvpatch/hvpatch/linker"
+)
+
+// FentryNop is the 5-byte NOP dynamic ftrace leaves at every traceable
+// function's entry; endbr64 precedes it on IBT kernels.
+var (
+	FentryNop = []byte{0x0f, 0x1f, 0x44, 0x00, 0x00}
+	Endbr64   = []byte{0xf3, 0x0f, 0x1e, 0xfa}
+)
+
+// JumpTo encodes "jmp rel32" at from to to: one 5-byte instruction, the
+// size of the fentry NOP it replaces.
+func JumpTo(from, to uint64) ([]byte, error) {
+	rel := int64(to - (from + 5))
+	if rel < math.MinInt32 || rel > math.MaxInt32 {
+		return nil, fmt.Errorf("codearea: jump from %#x to %#x is out of rel32 reach", from, to)
+	}
+	b := make([]byte, 5)
+	b[0] = 0xe9
+	binary.LittleEndian.PutUint32(b[1:], uint32(int32(rel)))
+	return b, nil
+}
+
+// JumpTarget decodes a "jmp rel32" at from.
+func JumpTarget(from uint64, b []byte) (uint64, bool) {
+	if len(b) < 5 || b[0] != 0xe9 {
+		return 0, false
+	}
+	return from + 5 + uint64(int64(int32(binary.LittleEndian.Uint32(b[1:])))), true
+}
+
+// EntrySite finds the fentry site of a kernel function (its entry, or the
+// entry + 4 after endbr64) and checks it holds the canonical NOP: anything
+// else means ftrace, a livepatch or another tool owns it.
+func EntrySite(k *introspect.Kernel, fn string) (uint64, error) {
+	addr, err := k.Symbols.Addr(fn)
+	if err != nil {
+		return 0, err
+	}
+	var b [9]byte
+	if err := k.AS.ReadVirt(addr, b[:]); err != nil {
+		return 0, fmt.Errorf("codearea: reading %s at %#x: %w", fn, addr, err)
+	}
+	site, code := addr, b[:5]
+	if bytes.HasPrefix(b[:], Endbr64) {
+		site, code = addr+4, b[4:9]
+	}
+	if !bytes.Equal(code, FentryNop) {
+		return 0, fmt.Errorf("codearea: %s at %#x: the fentry site holds % x, not the NOP % x (traced or patched)", fn, site, code, FentryNop)
+	}
+	return site, nil
+}
+
+// LinkFor returns the linker options and resolver that make an object
+// behave like the guest's own code around fn: returns as the guest
+// returns from fn (a plain ret, or a jump to the return thunk the guest
+// chose at boot; __x86_return_thunk is never taken from kallsyms, which on
+// 6.12 points at a thunk that warns), every other name from kallsyms
+// (ambiguous names are unresolved).
+func LinkFor(k *introspect.Kernel, fn string) (linker.Options, linker.Resolver, error) {
+	var opt linker.Options
+	addr, err := k.Symbols.Addr(fn)
+	if err != nil {
+		return opt, nil, err
+	}
+	syms := k.Symbols.Lookup(fn)
+	size := k.Symbols.FunctionSize(syms[0])
+	if size == 0 || size > 1<<16 {
+		return opt, nil, fmt.Errorf("codearea: %s: function size %d is not usable", fn, size)
+	}
+	code := make([]byte, size)
+	if err := k.AS.ReadVirt(addr, code); err != nil {
+		return opt, nil, err
+	}
+	insts, _ := introspect.Disassemble(code, addr) // up to the first undecodable byte
+	thunk := uint64(0)
+	plain := false
+	for _, in := range insts {
+		switch {
+		case len(in.Bytes) == 1 && in.Bytes[0] == 0xc3:
+			plain = true
+		case len(in.Bytes) == 5 && in.Bytes[0] == 0xe9:
+			to, _ := JumpTarget(in.Addr, in.Bytes)
+			if s, off, ok := k.Symbols.Resolve(to); ok && off == 0 && strings.Contains(s.Name, "return_thunk") {
+				thunk = to
+			}
+		}
+		if plain || thunk != 0 {
+			break
+		}
+	}
+	switch {
+	case plain:
+		opt.PlainReturns = true
+	case thunk == 0:
+		return opt, nil, fmt.Errorf("codearea: %s at %#x: found neither a ret nor a jump to a return thunk in its %d bytes", fn, addr, size)
+	}
+	resolve := func(name string) (uint64, bool) {
+		if name == linker.ReturnThunk {
+			return thunk, thunk != 0
+		}
+		a, err := k.Symbols.Addr(name)
+		return a, err == nil
+	}
+	return opt, resolve, nil
+}

@@ -1,0 +1,446 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hvpatch/hvpatch/hypervisor"
+	"github.com/hvpatch/hvpatch/introspect"
+	"github.com/hvpatch/hvpatch/patcher"
+	"github.com/hvpatch/hvpatch/service"
+)
+
+// opTimeout bounds one operation on a domain (open, apply, revert).
+const opTimeout = 2 * time.Minute
+
+// systemRunning is SYSTEM_RUNNING of the kernel's enum system_states (the
+// same value in every kernel since 5.x): init is running, boot-time code
+// patching (alternatives, ftrace's NOPs, static keys, initmem freeing) is
+// over. Patching earlier would race with the kernel's own code changes.
+const systemRunning = 3
+
+// Patch states of a declared patch on a domain.
+const (
+	statePending = "pending" // waiting for the domain or its kernel
+	stateApplied = "applied"
+	stateRefused = "refused" // cannot change until the file or the boot does
+	stateFailing = "failing" // retried with backoff
+)
+
+// patchState is what the daemon knows of one declared patch on one domain.
+type patchState struct {
+	file, hash, id string
+	keyID          string
+	state          string
+	reason         string
+	failures       int
+	nextTry        time.Time
+	refusedBoot    string
+	since          time.Time
+}
+
+// domain is one libvirt domain and its worker goroutine. mu serialises
+// every operation on it: reconcile passes and API requests.
+type domain struct {
+	d          *Daemon
+	name, uuid string
+
+	kickc    chan struct{}
+	force    atomic.Bool
+	quit     chan struct{}
+	stopOnce sync.Once
+	sum      atomic.Value // summary for the gauge
+
+	mu      sync.Mutex
+	hv      *hypervisor.Domain
+	live    *patcher.Live
+	pid     int
+	bootID  string
+	running bool // the kernel reached SYSTEM_RUNNING
+	waitFor time.Duration
+	// kernelUp is when the current boot's kernel was first seen running.
+	kernelUp time.Time
+	patches  map[string]*patchState // by file
+}
+
+func newDomain(d *Daemon, name, uuid string) *domain {
+	dom := &domain{d: d, name: name, uuid: uuid, kickc: make(chan struct{}, 1), quit: make(chan struct{}), patches: map[string]*patchState{}}
+	dom.sum.Store("unpatched")
+	return dom
+}
+
+func (dom *domain) summary() string { return dom.sum.Load().(string) }
+
+// kick asks for a reconcile pass now; force also ignores backoff (a new
+// boot or a restarted domain deserves a fresh try).
+func (dom *domain) kick(force bool) {
+	if force {
+		dom.force.Store(true)
+	}
+	select {
+	case dom.kickc <- struct{}{}:
+	default:
+	}
+}
+
+func (dom *domain) stop() { dom.stopOnce.Do(func() { close(dom.quit) }) }
+
+func (dom *domain) run() {
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	for {
+		select {
+		case <-dom.quit:
+			return
+		case <-dom.kickc:
+		case <-timer.C:
+		}
+		next := dom.pass(dom.force.Swap(false))
+		timer.Stop()
+		select {
+		case <-timer.C:
+		default:
+		}
+		timer.Reset(next)
+	}
+}
+
+// close releases the guest memory mapping.
+func (dom *domain) close() {
+	dom.mu.Lock()
+	defer dom.mu.Unlock()
+	dom.dropLive()
+}
+
+func (dom *domain) dropLive() {
+	if dom.live != nil {
+		dom.live.Close()
+	}
+	dom.live, dom.running, dom.bootID, dom.pid = nil, false, "", 0
+}
+
+// forget drops a domain that libvirt no longer knows: its memory mapping,
+// journal and lock file (its UUID will not come back).
+func (dom *domain) forget() {
+	dom.close()
+	st := dom.d.pt.State
+	lock, err := st.Lock(dom.name, dom.uuid)
+	if err != nil {
+		return
+	}
+	defer lock.Unlock()
+	os.Remove(filepath.Join(st.Dir, dom.uuid+".json"))
+	os.Remove(filepath.Join(st.Dir, dom.uuid+".lock"))
+}
+
+func (dom *domain) opContext() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(dom.d.opCtx, opTimeout)
+}
+
+// errNotRunning says the domain cannot be patched now.
+type errNotRunning struct{ state string }
+
+func (e errNotRunning) Error() string { return "domain is " + e.state }
+
+// ensureLive opens (or checks) the domain's kernel; mu is held. With
+// forPatch the domain must run and its kernel have finished booting.
+func (dom *domain) ensureLive(ctx context.Context, forPatch bool) error {
+	if dom.hv == nil {
+		hv, err := dom.d.conn.LookupDomain(ctx, dom.uuid)
+		if err != nil {
+			return err
+		}
+		dom.hv = hv
+	}
+	st, err := dom.hv.State(ctx)
+	if err != nil {
+		return err
+	}
+	if st != "running" && (forPatch || st != "paused") {
+		dom.dropLive()
+		return errNotRunning{st}
+	}
+	if dom.live != nil && !dom.fresh(ctx) {
+		dom.d.log.Info("guest rebooted: kernel changed", "domain", dom.name)
+		dom.dropLive()
+	}
+	if dom.live == nil {
+		pid, err := dom.hv.QEMUPid(ctx)
+		if err != nil {
+			return err
+		}
+		writer := dom.d.cfg.Writer
+		if writer == "auto" {
+			writer = ""
+		}
+		live, err := patcher.OpenLive(ctx, dom.hv, writer)
+		if err != nil {
+			return fmt.Errorf("kernel not found (yet): %w", err)
+		}
+		live.Writer = markWriter(live.Writer, dom.d.cfg.StateDir, dom.uuid)
+		id, err := patcher.BootIdentity(live.Target)
+		if err != nil {
+			live.Close()
+			return err
+		}
+		dom.live, dom.pid, dom.bootID, dom.running = live, pid, id, false
+	}
+	if !dom.running {
+		dom.running = kernelRunning(dom.live.Kernel)
+		if dom.running {
+			dom.kernelUp = time.Now()
+			dom.d.log.Info("guest kernel up", "domain", dom.name, "release", dom.live.Kernel.Release, "boot_id", dom.bootID)
+		}
+	}
+	if forPatch && !dom.running {
+		return errors.New("guest kernel still booting")
+	}
+	return nil
+}
+
+func kernelRunning(k *introspect.Kernel) bool {
+	addr, err := k.SymbolAddr("system_state")
+	if err != nil {
+		return true // cannot tell: assume a kernel found whole is up
+	}
+	var b [4]byte
+	if k.AS.ReadVirt(addr, b[:]) != nil {
+		return false
+	}
+	return uint32(b[0])|uint32(b[1])<<8|uint32(b[2])<<16|uint32(b[3])<<24 == systemRunning
+}
+
+// fresh tells whether the cached kernel is still the one the guest runs.
+// The cached page walk cannot tell (after a reset the old kernel's memory
+// is still there, untouched), so the kernel image is looked up again
+// through the page tables a vCPU uses now, and the boot identity is read.
+func (dom *domain) fresh(ctx context.Context) bool {
+	pid, err := dom.hv.QEMUPid(ctx)
+	if err != nil || pid != dom.pid {
+		return false
+	}
+	cpus, err := dom.hv.CPUs(ctx)
+	if err != nil {
+		return false
+	}
+	k := dom.live.Kernel
+	ok := false
+	for _, c := range cpus {
+		if c.CR0&(1<<31) == 0 || c.EFER&(1<<10) == 0 { // paging off, or not in long mode: firmware or early boot
+			continue
+		}
+		as := introspect.NewAddressSpace(dom.live.Mem, introspect.KernelCR3(c.CR3), c.CR4&hypervisor.CR4LA57 != 0)
+		tr, err := as.Translate(k.TextStart)
+		if err != nil || tr.GPA != k.PhysBase {
+			return false
+		}
+		ok = true
+	}
+	if !ok {
+		return false
+	}
+	id, err := patcher.BootIdentity(dom.live.Target)
+	return err == nil && id == dom.bootID
+}
+
+// withLive runs f with the domain's kernel, one operation at a time.
+func (dom *domain) withLive(forPatch bool, f func(ctx context.Context, live *patcher.Live) error) error {
+	dom.mu.Lock()
+	defer dom.mu.Unlock()
+	ctx, cancel := dom.opContext()
+	defer cancel()
+	if err := dom.ensureLive(ctx, forPatch); err != nil {
+		var nr errNotRunning
+		if errors.As(err, &nr) {
+			return fmt.Errorf("domain %s is %s", dom.name, nr.state)
+		}
+		return fmt.Errorf("domain %s: %w", dom.name, err)
+	}
+	return f(ctx, dom.live)
+}
+
+// pass is one reconcile pass; it returns when the next one is due.
+func (dom *domain) pass(force bool) time.Duration {
+	interval := dom.d.cfg.Reconcile.Interval
+	decl := dom.d.declaredFor(dom.name, dom.uuid)
+	dom.mu.Lock()
+	defer dom.mu.Unlock()
+	defer func() {
+		dom.d.mu.Lock()
+		dom.d.updateGauge()
+		dom.d.mu.Unlock()
+	}()
+	// Forget patches no longer declared (they stay applied: removing a file
+	// is not a revert; hvpatch revert is).
+	keep := map[string]bool{}
+	for _, c := range decl {
+		keep[c.File] = true
+	}
+	for f := range dom.patches {
+		if !keep[f] {
+			delete(dom.patches, f)
+		}
+	}
+	if len(decl) == 0 {
+		// Nothing declared: do not touch the guest at all.
+		dom.sum.Store("unpatched")
+		return interval
+	}
+	for _, c := range decl {
+		ps := dom.patches[c.File]
+		if ps == nil || ps.hash != c.Hash {
+			ps = &patchState{file: c.File, hash: c.Hash, id: c.Patch.ID, keyID: c.KeyID, state: statePending, since: time.Now()}
+			dom.patches[c.File] = ps
+		}
+	}
+	ctx, cancel := dom.opContext()
+	defer cancel()
+	if err := dom.ensureLive(ctx, true); err != nil {
+		reason := err.Error()
+		var nr errNotRunning
+		wait := interval
+		if !errors.As(err, &nr) {
+			// Booting (or libvirt trouble): look again soon, then less often.
+			dom.waitFor = min(max(2*dom.waitFor, 250*time.Millisecond), 2*time.Second, interval)
+			wait = dom.waitFor
+		}
+		for _, ps := range dom.patches {
+			if ps.state != stateRefused || ps.refusedBoot != dom.bootID {
+				ps.state, ps.reason = statePending, reason
+			}
+		}
+		dom.sum.Store("pending")
+		return wait
+	}
+	dom.waitFor = 0
+	next := interval
+	buildID, _ := patcher.BuildID(dom.live.Target)
+	for _, c := range decl {
+		ps := dom.patches[c.File]
+		if ps.state == stateRefused && ps.refusedBoot == dom.bootID {
+			continue
+		}
+		if !force && ps.state == stateFailing && time.Now().Before(ps.nextTry) {
+			next = min(next, time.Until(ps.nextTry))
+			continue
+		}
+		if why := kernelMismatch(c.Patch, dom.live.Kernel.Release, buildID); why != "" {
+			dom.refuse(ps, why, "kernel_mismatch")
+			continue
+		}
+		dom.apply(ctx, c, ps)
+		if ps.state == stateFailing {
+			next = min(next, time.Until(ps.nextTry))
+		}
+	}
+	sum := "patched"
+	for _, ps := range dom.patches {
+		switch ps.state {
+		case stateFailing, stateRefused:
+			sum = "failing"
+		case statePending:
+			if sum == "patched" {
+				sum = "pending"
+			}
+		}
+	}
+	dom.sum.Store(sum)
+	return max(next, 50*time.Millisecond)
+}
+
+func (dom *domain) refuse(ps *patchState, why, reason string) {
+	if ps.state != stateRefused || ps.reason != why {
+		dom.d.log.Warn("declared patch refused on this boot", "domain", dom.name, "patch", ps.id, "file", ps.file, "reason", why)
+		dom.d.metrics.Applies.WithLabelValues("refused").Inc()
+		dom.d.metrics.Failures.WithLabelValues(reason).Inc()
+	}
+	ps.state, ps.reason, ps.refusedBoot, ps.since = stateRefused, why, dom.bootID, time.Now()
+}
+
+// apply applies one declared patch; mu is held and the kernel is up.
+func (dom *domain) apply(ctx context.Context, c *Declared, ps *patchState) {
+	res, err := dom.d.pt.Apply(ctx, dom.live.Domain, c.Patch, patcher.ApplyOptions{})
+	if res != nil && res.Freeze.Method != "" {
+		dom.d.metrics.ObserveFreeze(res.Freeze.Method, res.Freeze.Window)
+	}
+	if errors.Is(err, patcher.ErrBusy) {
+		// Someone else (the CLI) is patching this domain: not a failure.
+		ps.nextTry = time.Now().Add(time.Second)
+		return
+	}
+	if err != nil {
+		ps.failures++
+		backoff := dom.d.cfg.Reconcile.Interval << min(ps.failures-1, 20)
+		ps.nextTry = time.Now().Add(min(backoff, dom.d.cfg.Reconcile.MaxBackoff))
+		ps.state, ps.reason = stateFailing, err.Error()
+		dom.d.metrics.Applies.WithLabelValues("failed").Inc()
+		dom.d.metrics.Failures.WithLabelValues("apply").Inc()
+		dom.d.log.Warn("declared patch failed", "domain", dom.name, "patch", ps.id, "file", ps.file,
+			"failures", ps.failures, "retry_at", ps.nextTry.Format(time.RFC3339), "err", err)
+		return
+	}
+	was := ps.state
+	ps.state, ps.reason, ps.failures = stateApplied, "", 0
+	if res.NoOp {
+		if was != stateApplied {
+			ps.since = time.Now()
+			dom.d.metrics.Applies.WithLabelValues("already_applied").Inc()
+			dom.d.log.Info("declared patch already applied", "domain", dom.name, "patch", ps.id, "message", res.Message)
+		}
+		return
+	}
+	ps.since = time.Now()
+	dom.d.metrics.Applies.WithLabelValues("applied").Inc()
+	for _, r := range res.Reconciled {
+		dom.d.log.Info("journal reconciled", "domain", dom.name, "patch", r.Entry.ID, "difference", r.Difference)
+	}
+	dom.d.log.Info("declared patch applied", "domain", dom.name, "patch", ps.id, "file", ps.file,
+		"freeze_window", res.Freeze.Window, "method", res.Freeze.Method,
+		"since_kernel_up", time.Since(dom.kernelUp).Round(time.Millisecond))
+}
+
+// kernelMismatch says why a patch's match section excludes the kernel,
+// "" when it fits: a refusal that holds for the whole boot.
+func kernelMismatch(p *patcher.Patch, release, buildID string) string {
+	if len(p.Match.Release) > 0 {
+		ok := false
+		for _, g := range p.Match.Release {
+			if m, _ := path.Match(g, release); m {
+				ok = true
+			}
+		}
+		if !ok {
+			return fmt.Sprintf("patch %s is for kernel release %s, the guest runs %s", p.ID, strings.Join(p.Match.Release, " or "), release)
+		}
+	}
+	if len(p.Match.BuildIDs) > 0 {
+		for _, id := range p.Match.BuildIDs {
+			if id == buildID {
+				return ""
+			}
+		}
+		return fmt.Sprintf("patch %s is for kernel build id %s, the guest kernel %s has %q", p.ID, strings.Join(p.Match.BuildIDs, " or "), release, buildID)
+	}
+	return ""
+}
+
+// declared reports the declared patches' states for the status endpoint.
+func (dom *domain) declared() []service.Declared {
+	var out []service.Declared
+	for _, ps := range dom.patches {
+		d := service.Declared{File: ps.file, ID: ps.id, State: ps.state, Reason: ps.reason, KeyID: ps.keyID, Since: ps.since}
+		if ps.state == stateFailing {
+			d.NextTry = ps.nextTry
+		}
+		out = append(out, d)
+	}
+	return out
+}

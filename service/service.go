@@ -1,0 +1,343 @@
+// Package service is what hvpatch answers about a guest, computed once for
+// both ways of asking: the CLI run standalone calls these functions itself,
+// hvpatchd calls them for its API and sends the result structs as JSON, and
+// the CLI in client mode decodes them and prints them with the same Text
+// methods. The same output either way follows by construction.
+package service
+
+import (
+	"encoding/hex"
+	"fmt"
+	"io"
+	"math"
+	"regexp"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/hvpatch/hvpatch/hypervisor"
+	"github.com/hvpatch/hvpatch/introspect"
+	"github.com/hvpatch/hvpatch/symbols"
+)
+
+// Domains is the domain list.
+type Domains []hypervisor.DomainInfo
+
+func (ds Domains) WriteText(w io.Writer) error {
+	rows := make([][]string, len(ds))
+	for i, d := range ds {
+		id := "-"
+		if d.ID > 0 {
+			id = strconv.Itoa(d.ID)
+		}
+		rows[i] = []string{id, d.Name, d.State, d.UUID}
+	}
+	return Table(w, []string{"id", "name", "state", "uuid"}, rows)
+}
+
+// Info describes a guest kernel.
+type Info struct {
+	Source        string  `json:"source"`
+	Release       string  `json:"release"`
+	Banner        string  `json:"banner"`
+	Text          string  `json:"text"`
+	End           string  `json:"end"`
+	Slide         string  `json:"slide"`
+	PhysBase      string  `json:"phys_base"`
+	DirectMapBase string  `json:"direct_map_base"`
+	Paging        string  `json:"paging"`
+	CR3           string  `json:"cr3"`
+	Symbols       int     `json:"symbols"`
+	BTF           bool    `json:"btf"`
+	AttachMS      float64 `json:"attach_ms"`
+	Timings       string  `json:"timings"`
+}
+
+// KernelInfo describes k, found in source (a domain or a dump file).
+func KernelInfo(source string, k *introspect.Kernel) Info {
+	return Info{
+		Source: source, Release: k.Release, Banner: k.Banner,
+		Text: HexAddr(k.TextStart), End: HexAddr(k.TextEnd), Slide: HexAddr(k.Slide), PhysBase: HexAddr(k.PhysBase),
+		DirectMapBase: HexAddr(k.DirectMapBase), Paging: k.PagingMode(), CR3: HexAddr(k.CR3),
+		Symbols: k.Symbols.Len(), BTF: k.BTF != nil,
+		AttachMS: float64(k.AttachTime.Microseconds()) / 1000, Timings: k.Timings.String(),
+	}
+}
+
+func (r Info) WriteText(w io.Writer) error {
+	yes := map[bool]string{true: "yes", false: "no"}
+	attach := time.Duration(math.Round(r.AttachMS*1000)) * time.Microsecond
+	rows := [][2]string{
+		{"Source", r.Source}, {"Release", r.Release}, {"Banner", r.Banner},
+		{"Kernel image", r.Text + "-" + r.End},
+		{"KASLR slide", r.Slide}, {"Physical base", r.PhysBase},
+		{"Direct map", r.DirectMapBase}, {"Paging", r.Paging}, {"CR3", r.CR3},
+		{"Symbols", fmt.Sprint(r.Symbols)}, {"BTF", yes[r.BTF]},
+		{"Attach time", fmt.Sprintf("%v (%s)", attach.Round(10*time.Microsecond), r.Timings)},
+	}
+	for _, row := range rows {
+		if _, err := fmt.Fprintf(w, "%-14s %s\n", row[0]+":", row[1]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Symbol is one kernel symbol.
+type Symbol struct {
+	Name   string `json:"name"`
+	Addr   string `json:"addr"`
+	Type   string `json:"type"`
+	Module string `json:"module,omitempty"`
+	Size   uint64 `json:"size,omitempty"`
+	Offset uint64 `json:"offset,omitempty"`
+}
+
+func symbolOf(t *symbols.Table, s symbols.Symbol) Symbol {
+	j := Symbol{Name: s.Name, Addr: HexAddr(s.Addr), Type: string(s.Type), Module: s.Module}
+	if symbols.IsText(s.Type) {
+		j.Size = t.FunctionSize(s)
+	}
+	return j
+}
+
+// SymLookup is the answer to "sym": the symbol holding an address
+// (ByAddr, one symbol with Offset) or every symbol of a name.
+type SymLookup struct {
+	ByAddr  bool     `json:"by_addr"`
+	Symbols []Symbol `json:"symbols"`
+}
+
+// JSON is what --json prints: one object for an address, a list for a name.
+func (r SymLookup) JSON() any {
+	if r.ByAddr && len(r.Symbols) == 1 {
+		return r.Symbols[0]
+	}
+	return r.Symbols
+}
+
+func (r SymLookup) WriteText(w io.Writer) error {
+	for _, s := range r.Symbols {
+		addr, _ := strconv.ParseUint(s.Addr, 0, 64)
+		mod := ""
+		if s.Module != "" {
+			mod = "\t[" + s.Module + "]"
+		}
+		var err error
+		if r.ByAddr {
+			_, err = fmt.Fprintf(w, "%016x %s %s+%#x%s\n", addr+s.Offset, s.Type, s.Name, s.Offset, mod)
+		} else {
+			size := ""
+			if s.Size > 0 {
+				size = fmt.Sprintf(" (size %#x)", s.Size)
+			}
+			_, err = fmt.Fprintf(w, "%016x %s %s%s%s\n", addr, s.Type, s.Name, mod, size)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Sym looks up a name, or with a 0x prefix the symbol holding an address.
+func Sym(source string, k *introspect.Kernel, q string) (SymLookup, error) {
+	if addr, err := strconv.ParseUint(q, 0, 64); err == nil && strings.HasPrefix(q, "0x") {
+		s, off, ok := ResolveAddr(k, addr)
+		if !ok {
+			return SymLookup{}, fmt.Errorf("%s: no symbol holds address %#x", source, addr)
+		}
+		j := symbolOf(k.Symbols, s)
+		j.Offset = off
+		return SymLookup{ByAddr: true, Symbols: []Symbol{j}}, nil
+	}
+	found := k.Symbols.Lookup(q)
+	if len(found) == 0 {
+		return SymLookup{}, fmt.Errorf("%s: no symbol %q in the guest kernel (%s)", source, q, k.Release)
+	}
+	out := SymLookup{Symbols: []Symbol{}}
+	for _, s := range found {
+		out.Symbols = append(out.Symbols, symbolOf(k.Symbols, s))
+	}
+	return out, nil
+}
+
+// SymbolList is the answer to "syms": symbols in address order, without
+// sizes, printed like /proc/kallsyms.
+type SymbolList []Symbol
+
+func (l SymbolList) WriteText(w io.Writer) error {
+	syms := make([]symbols.Symbol, 0, len(l))
+	for _, s := range l {
+		addr, _ := strconv.ParseUint(s.Addr, 0, 64)
+		var typ byte = '?'
+		if s.Type != "" {
+			typ = s.Type[0]
+		}
+		syms = append(syms, symbols.Symbol{Name: s.Name, Addr: addr, Type: typ, Module: s.Module})
+	}
+	return symbols.NewTable(syms).WriteKallsyms(w)
+}
+
+// Syms lists the kernel's symbols, those whose name matches grep when it is
+// not empty.
+func Syms(k *introspect.Kernel, grep string) (SymbolList, error) {
+	var re *regexp.Regexp
+	if grep != "" {
+		var err error
+		if re, err = regexp.Compile(grep); err != nil {
+			return nil, fmt.Errorf("--grep %q: %w", grep, err)
+		}
+	}
+	out := SymbolList{}
+	for _, s := range k.Symbols.All() {
+		if re == nil || re.MatchString(s.Name) {
+			out = append(out, Symbol{Name: s.Name, Addr: HexAddr(s.Addr), Type: string(s.Type), Module: s.Module})
+		}
+	}
+	return out, nil
+}
+
+// ResolveAddr is Table.Resolve limited to where symbols are dense: inside
+// the kernel image, or among the zero-based per-CPU (absolute) symbols.
+// Elsewhere the nearest symbol below is meaningless.
+func ResolveAddr(k *introspect.Kernel, addr uint64) (symbols.Symbol, uint64, bool) {
+	s, off, ok := k.Symbols.Resolve(addr)
+	if !ok {
+		return s, off, false
+	}
+	if s.Addr >= k.TextStart {
+		return s, off, addr < k.TextEnd
+	}
+	return s, off, s.Type != 'A' && s.Type != 'a' || off < 1<<20
+}
+
+// ResolveTarget turns SYMBOL, SYMBOL+OFF or ADDR into an address.
+func ResolveTarget(k *introspect.Kernel, s string) (uint64, error) {
+	if strings.HasPrefix(s, "0x") {
+		return strconv.ParseUint(s, 0, 64)
+	}
+	name, offStr, hasOff := strings.Cut(s, "+")
+	addr, err := k.Symbols.Addr(name)
+	if err != nil {
+		return 0, err
+	}
+	if hasOff {
+		off, err := strconv.ParseUint(offStr, 0, 64)
+		if err != nil {
+			return 0, fmt.Errorf("offset %q in %q: %w", offStr, s, err)
+		}
+		addr += off
+	}
+	return addr, nil
+}
+
+// Task is one guest process.
+type Task struct {
+	PID          int    `json:"pid"`
+	PPID         int    `json:"ppid"`
+	State        string `json:"state"`
+	Comm         string `json:"comm"`
+	Task         string `json:"task"`
+	StackPointer string `json:"stack_pointer"`
+}
+
+// Tasks is the answer to "ps".
+type Tasks []Task
+
+func Ps(source string, k *introspect.Kernel) (Tasks, error) {
+	tasks, err := k.Tasks()
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", source, err)
+	}
+	out := make(Tasks, 0, len(tasks))
+	for _, t := range tasks {
+		out = append(out, Task{PID: t.PID, PPID: t.PPID, State: t.StateLetter(), Comm: t.Comm,
+			Task: HexAddr(t.Addr), StackPointer: HexAddr(t.StackPointer)})
+	}
+	return out, nil
+}
+
+func (ts Tasks) WriteText(w io.Writer) error {
+	rows := make([][]string, 0, len(ts))
+	for _, t := range ts {
+		rows = append(rows, []string{fmt.Sprint(t.PID), fmt.Sprint(t.PPID), t.State, t.Comm, t.Task})
+	}
+	return Table(w, []string{"pid", "ppid", "s", "comm", "task"}, rows)
+}
+
+// Module is one loaded kernel module.
+type Module struct {
+	Name string `json:"name"`
+	Size uint64 `json:"size"`
+	Base string `json:"base"`
+}
+
+// Modules is the answer to "lsmod".
+type Modules []Module
+
+func Lsmod(source string, k *introspect.Kernel) (Modules, error) {
+	mods, err := k.Modules()
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", source, err)
+	}
+	out := make(Modules, 0, len(mods))
+	for _, m := range mods {
+		out = append(out, Module{Name: m.Name, Size: m.Size, Base: HexAddr(m.Base)})
+	}
+	return out, nil
+}
+
+func (ms Modules) WriteText(w io.Writer) error {
+	rows := make([][]string, 0, len(ms))
+	for _, m := range ms {
+		rows = append(rows, []string{m.Name, fmt.Sprint(m.Size), m.Base})
+	}
+	return Table(w, []string{"module", "size", "base"}, rows)
+}
+
+// HexAddr formats an address the way every command prints addresses.
+func HexAddr(v uint64) string { return fmt.Sprintf("%#x", v) }
+
+// Table writes aligned columns under upper-case headers.
+func Table(w io.Writer, headers []string, rows [][]string) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, strings.ToUpper(strings.Join(headers, "\t")))
+	for _, r := range rows {
+		fmt.Fprintln(tw, strings.Join(r, "\t"))
+	}
+	return tw.Flush()
+}
+
+// HexDump prints 16 bytes a line: address, bytes, printable characters.
+func HexDump(w io.Writer, addr uint64, b []byte) error {
+	for off := 0; off < len(b); off += 16 {
+		line := b[off:min(off+16, len(b))]
+		var hx, asc strings.Builder
+		for i := 0; i < 16; i++ {
+			if i == 8 {
+				hx.WriteByte(' ')
+			}
+			if i < len(line) {
+				fmt.Fprintf(&hx, "%02x ", line[i])
+				c := line[i]
+				if c < 0x20 || c > 0x7e {
+					c = '.'
+				}
+				asc.WriteByte(c)
+			} else {
+				hx.WriteString("   ")
+			}
+		}
+		if _, err := fmt.Fprintf(w, "%016x  %s |%s|\n", addr+uint64(off), hx.String(), asc.String()); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func decodeHex(s string) []byte {
+	b, _ := hex.DecodeString(s)
+	return b
+}
