@@ -12,11 +12,11 @@ import (
 )
 
 // A ptrace freeze ends by itself when its process dies. A stop through
-// QEMU (the gdbstub writer) or libvirt (direct+suspend) does not: the
-// gdbstub guard process is meant to detach for a dead daemon, but a detach
-// alone was seen to leave QEMU paused (see the SIGKILL test). So while such
-// a stop is open, a marker file <state>/<uuid>.stopped exists, and a
-// starting daemon resumes every domain whose marker it finds still paused.
+// libvirt (direct+suspend) does not, and nothing else would resume it; the
+// gdbstub writer has a guard process that detaches and resumes for a dead
+// daemon, and this is its second line of defence. While such a stop is
+// open, a marker file <state>/<uuid>.stopped exists, and a starting daemon
+// resumes every domain whose marker it finds still paused.
 
 const stoppedSuffix = ".stopped"
 

@@ -226,8 +226,16 @@ func gdbHelper(domain string) int {
 }
 
 // testGdbstubSurvivesKill: a process killed while it holds the guest
-// stopped through the gdbstub must not leave the guest paused.
+// stopped through the gdbstub must not leave the guest paused. Repeated:
+// QEMU sometimes stays paused after a plain detach, which the guard must
+// then undo.
 func testGdbstubSurvivesKill(t *testing.T, lg *liveGuest) {
+	for i := 0; i < 6; i++ {
+		gdbstubKillOnce(t, lg)
+	}
+}
+
+func gdbstubKillOnce(t *testing.T, lg *liveGuest) {
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), "HVPATCH_GDB_HELPER="+lg.d.Name())
 	out, err := cmd.StdoutPipe()
@@ -262,6 +270,9 @@ func testGdbstubSurvivesKill(t *testing.T, lg *liveGuest) {
 	}
 	if st != "running" {
 		t.Fatalf("10 s after the helper was killed the domain is still %q", st)
+	}
+	if rs, err := lg.d.RunStatus(lg.ctx); err != nil || rs != "running" {
+		t.Fatalf("after the helper was killed QEMU reports %q (%v)", rs, err)
 	}
 	lg.g.MustRun("echo alive")
 	t.Logf("helper killed mid-session: domain running again after %v", time.Since(t0))

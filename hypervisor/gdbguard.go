@@ -2,6 +2,7 @@ package hypervisor
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -17,17 +18,22 @@ import (
 // gdbGuardEnv set) watches a pipe from us; when the pipe closes while a
 // session is open, it connects to the gdbstub itself and detaches.
 
-const gdbGuardEnv = "HVPATCH_GDBSTUB_GUARD"
+const (
+	gdbGuardEnv       = "HVPATCH_GDBSTUB_GUARD"
+	gdbGuardDomainEnv = "HVPATCH_GDBSTUB_GUARD_DOMAIN" // UUID
+	gdbGuardSocketEnv = "HVPATCH_GDBSTUB_GUARD_LIBVIRT"
+)
 
 func init() {
 	if path := os.Getenv(gdbGuardEnv); path != "" {
-		os.Exit(runGdbGuard(path, os.Stdin))
+		os.Exit(runGdbGuard(path, os.Getenv(gdbGuardDomainEnv), os.Getenv(gdbGuardSocketEnv), os.Stdin))
 	}
 }
 
 // runGdbGuard reads "armed"/"disarmed" lines; at end of input while armed
-// it detaches the debugger so the VM runs again.
-func runGdbGuard(path string, in io.Reader) int {
+// it detaches the debugger and then makes sure QEMU runs the VM again
+// (a detach alone can leave it paused: see gdbStopped.ensureRunning).
+func runGdbGuard(path, domain, socket string, in io.Reader) int {
 	armed := false
 	sc := bufio.NewScanner(in)
 	for sc.Scan() {
@@ -37,10 +43,30 @@ func runGdbGuard(path string, in io.Reader) int {
 		return 0
 	}
 	if err := gdbDetach(path, 50); err != nil {
-		fmt.Fprintf(os.Stderr, "hvpatch gdbstub guard: %v; the guest stays paused\n", err)
+		fmt.Fprintf(os.Stderr, "hvpatch gdbstub guard: %v\n", err)
+	}
+	if err := resumeDomain(domain, socket); err != nil {
+		fmt.Fprintf(os.Stderr, "hvpatch gdbstub guard: domain %s: %v; the guest may stay paused\n", domain, err)
 		return 1
 	}
 	return 0
+}
+
+// resumeDomain connects to libvirt on its own and resumes the domain if
+// QEMU reports it stopped.
+func resumeDomain(uuid, socket string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := Connect(ctx, Config{Socket: socket})
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	d, err := c.LookupDomain(ctx, uuid)
+	if err != nil {
+		return err
+	}
+	return d.runIfStopped(ctx)
 }
 
 // gdbDetach connects to the gdbstub at path and detaches, which makes QEMU
@@ -73,7 +99,7 @@ type gdbGuard struct {
 	err error
 }
 
-func startGdbGuard(path string) (*gdbGuard, error) {
+func startGdbGuard(path string, d *Domain) (*gdbGuard, error) {
 	exe, err := os.Executable()
 	if err != nil {
 		return nil, err
@@ -83,7 +109,7 @@ func startGdbGuard(path string) (*gdbGuard, error) {
 		return nil, err
 	}
 	cmd := exec.Command(exe)
-	cmd.Env = append(os.Environ(), gdbGuardEnv+"="+path)
+	cmd.Env = append(os.Environ(), gdbGuardEnv+"="+path, gdbGuardDomainEnv+"="+d.UUID(), gdbGuardSocketEnv+"="+d.c.Config().Socket)
 	cmd.Stdin = r
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {

@@ -151,7 +151,7 @@ func (w *gdbWriter) Stop(ctx context.Context) (StoppedGuest, error) {
 		return nil, fmt.Errorf("domain %s: gdbstub socket directory: %w", w.d.Name(), err)
 	}
 	if w.guard == nil {
-		if w.guard, err = startGdbGuard(path); err != nil {
+		if w.guard, err = startGdbGuard(path, w.d); err != nil {
 			return nil, fmt.Errorf("domain %s: %w", w.d.Name(), err)
 		}
 	}
@@ -293,14 +293,19 @@ func (s *gdbStopped) Resume() (FreezeReport, error) {
 func (s *gdbStopped) ensureRunning() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	st, err := s.w.d.RunStatus(ctx)
+	return s.w.d.runIfStopped(ctx)
+}
+
+// runIfStopped resumes the VM (QMP cont) when QEMU reports it stopped.
+func (d *Domain) runIfStopped(ctx context.Context) error {
+	st, err := d.RunStatus(ctx)
 	if err != nil || st == "running" {
 		return err
 	}
-	if err := s.w.d.QMP(ctx, "cont", nil, nil); err != nil {
+	if err := d.QMP(ctx, "cont", nil, nil); err != nil {
 		return fmt.Errorf("VM left %s after detach and cont failed: %w", st, err)
 	}
-	if st, err = s.w.d.RunStatus(ctx); err == nil && st != "running" {
+	if st, err = d.RunStatus(ctx); err == nil && st != "running" {
 		err = fmt.Errorf("VM still %s after detach and cont", st)
 	}
 	return err
