@@ -166,6 +166,13 @@ func TestCLIWithAndWithoutDaemon(t *testing.T) {
 	g := testguest.Start(t, testguest.Options{})
 	td := newTestDaemon(t, "")
 	td.start()
+	// Standalone runs share the daemon's journal directory (the child
+	// inherits the environment), so patch status reads the same journal.
+	t.Setenv("HVPATCH_STATE_DIR", td.stateDir)
+	patchFile := filepath.Join(t.TempDir(), "kill.yaml")
+	if err := os.WriteFile(patchFile, []byte(versionKillSwitch("")), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	symOut, _, _ := cli(t, nil, "--standalone", "--json", "sym", g.Name, "version_proc_show")
 	var syms []service.Symbol
 	if err := json.Unmarshal([]byte(symOut), &syms); err != nil || len(syms) != 1 {
@@ -193,6 +200,9 @@ func TestCLIWithAndWithoutDaemon(t *testing.T) {
 		{"lsmod", g.Name},
 		{"ps", g.Name},
 		{"domains"},
+		{"apply", g.Name, patchFile, "--dry-run"},
+		{"status", g.Name},
+		{"revert", g.Name, "never-applied"},
 	}
 	compare := func(mode []string) {
 		t.Helper()
