@@ -4,9 +4,7 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
-	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path"
 	"path/filepath"
@@ -15,23 +13,18 @@ import (
 
 	"github.com/hvpatch/hvpatch/patcher"
 	"github.com/hvpatch/hvpatch/patchsign"
-	"gopkg.in/yaml.v3"
 )
 
-// A declared patch file is a patch file (patcher's format) with one more
-// top-level field the daemon reads: domains, the name globs (or UUIDs) of
-// the libvirt domains it is kept applied on. It is required, so that no
-// file applies to every guest on a host by accident ("*" says so on
-// purpose). The kernels a patch fits are its match section, as for the CLI.
+// A declared patch file is a patch file (patcher's format) whose optional
+// domains field (patcher.Patch.Domains) names the libvirt domains it is kept
+// applied on: name globs or UUIDs. The daemon requires it, so that no file
+// applies to every guest on a host by accident ("*" says so on purpose).
+// The kernels a patch fits are its match section, as for the CLI.
 //
 //	id: version-kill-switch
 //	domains: ["web-*", "db-1"]
 //	match: {release: "6.1.*"}
 //	edits: [...]
-type declaredFile struct {
-	patcher.Patch `yaml:",inline"`
-	Domains       patcher.StringList `yaml:"domains"`
-}
 
 // Declared is one file of the patch directory, parsed and checked.
 type Declared struct {
@@ -60,35 +53,17 @@ func (d *Declared) Selects(name, uuid string) bool {
 	return false
 }
 
-// ParseDeclared parses a declared patch file strictly: unknown fields, a
-// second document and a missing domains selector are errors.
+// ParseDeclared parses a declared patch file strictly (as
+// patcher.ParsePatch) and requires its domains selector.
 func ParseDeclared(data []byte) (*patcher.Patch, []string, error) {
-	dec := yaml.NewDecoder(bytes.NewReader(data))
-	dec.KnownFields(true)
-	var f declaredFile
-	if err := dec.Decode(&f); err != nil {
-		if errors.Is(err, io.EOF) {
-			return nil, nil, fmt.Errorf("empty patch file")
-		}
+	p, err := patcher.ParsePatch(data)
+	if err != nil {
 		return nil, nil, err
 	}
-	var extra yaml.Node
-	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
-		return nil, nil, fmt.Errorf("a patch file holds exactly one YAML document")
+	if len(p.Domains) == 0 {
+		return nil, nil, fmt.Errorf("patch %s: domains missing: name the domains it is for (globs, or \"*\" for all)", p.ID)
 	}
-	if err := f.Patch.Validate(); err != nil {
-		return nil, nil, err
-	}
-	if len(f.Domains) == 0 {
-		return nil, nil, fmt.Errorf("patch %s: domains missing: name the domains it is for (globs, or \"*\" for all)", f.ID)
-	}
-	for _, g := range f.Domains {
-		if _, err := path.Match(g, ""); err != nil || g == "" {
-			return nil, nil, fmt.Errorf("patch %s: domains glob %q is not valid", f.ID, g)
-		}
-	}
-	p := f.Patch
-	return &p, f.Domains, nil
+	return p, p.Domains, nil
 }
 
 // ParseForAPI parses a patch sent to the API: a plain patch file or one
@@ -148,6 +123,7 @@ func loadCatalog(dir string, kr patchsign.Keyring, requireSigned bool) ([]*Decla
 			d.Err = fmt.Errorf("patch file %s: %w", d.File, d.Err)
 			continue
 		}
+		d.Patch.Dir = dir // replace edits name their objects relative to the file
 		if other, dup := ids[d.Patch.ID]; dup {
 			d.Err = fmt.Errorf("patch file %s: id %s is already declared by %s", d.File, d.Patch.ID, other)
 			continue

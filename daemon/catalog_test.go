@@ -49,9 +49,12 @@ func TestParseDeclared(t *testing.T) {
 	if _, _, err := ParseForAPI([]byte("id: x\nbogus: 1\n")); err == nil || !strings.Contains(err.Error(), "bogus") {
 		t.Errorf("unknown field through the API: %v", err)
 	}
-	// The CLI parser still refuses the daemon's field.
-	if _, err := patcher.ParsePatch([]byte(declaredOK)); err == nil {
-		t.Error("patcher.ParsePatch accepted domains:")
+	// The patcher parses the domains field itself (and validates it).
+	if p, err := patcher.ParsePatch([]byte(declaredOK)); err != nil || len(p.Domains) != 2 || p.Domains[0] != "web-*" {
+		t.Errorf("patcher.ParsePatch of a declared file: %v %v", p, err)
+	}
+	if _, _, err := ParseDeclared([]byte(strings.Replace(declaredOK, `"web-*"`, `"web-["`, 1))); err == nil || !strings.Contains(err.Error(), "domains glob") {
+		t.Errorf("bad domains glob: %v", err)
 	}
 }
 

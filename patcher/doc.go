@@ -44,6 +44,19 @@
 // WARN in ftrace_verify_code (seen on the 6.1 guest) and ftrace's bug
 // handling then turns ftrace off until reboot. Revert before tracing.
 //
+// # Replace edits
+//
+// A replace edit (replace.go) links an ELF object against the guest's
+// kallsyms into the code area (package codearea) and writes "jmp rel32" to
+// the replacement over the same fentry NOP. Planning links it and refuses
+// unresolved symbols, unsupported relocations, oversized sections and a
+// taken site. The apply installs and verifies the code, then writes the
+// jump, in one freeze; a failure undoes both. The revert removes the jump in
+// one freeze, then releases the code in later stops once no vCPU RIP or live
+// kernel stack points into it (bounded by ReleaseWait; a patch whose code
+// stays busy is kept in state "releasing" and a later revert retries).
+// Reconcile reports a jump without its code-area entry and the reverse.
+//
 // # Journal and boot identity
 //
 // Each domain has <state>/<uuid>.json, written atomically (temporary file,

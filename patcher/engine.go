@@ -58,6 +58,10 @@ type Result struct {
 	NoOp    bool
 	Message string
 	Freeze  FreezeReport
+	// ReleaseTime and ReleaseWaits report a revert's release of
+	// replacement code (its stops come after the one removing the jumps).
+	ReleaseTime  time.Duration
+	ReleaseWaits int
 	// Reconciled lists journal entries found not to match guest memory
 	// when the operation started (and corrected in the journal).
 	Reconciled []PatchStatus
@@ -195,7 +199,7 @@ func (pt *Patcher) Revert(ctx context.Context, d Domain, id string) (*Result, er
 		}
 		return nil, fmt.Errorf("domain %s: patch %s is not applied (not in the journal)", d.Name, id)
 	}
-	if jp.State != StateApplied {
+	if jp.State != StateApplied && jp.State != StateReleasing {
 		return nil, fmt.Errorf("domain %s: patch %s is in state %s with memory holding %s; it needs attention before a revert", d.Name, id, jp.State, memState(st, id))
 	}
 	pl := &Plan{Patch: &Patch{ID: jp.ID, Description: jp.Description}, Release: jp.Release, BuildID: jp.BuildID, BootID: jp.BootID}
@@ -219,7 +223,11 @@ func (pt *Patcher) Revert(ctx context.Context, d Domain, id string) (*Result, er
 			Old: je.New, New: je.Old, Chunks: reverseChunks(je.Chunks)})
 	}
 	res := &Result{PatchID: id, Plan: pl, Reconciled: st.Differences()}
-	if allOld {
+	hasReplace := false
+	for _, je := range jp.Edits {
+		hasReplace = hasReplace || je.Kind == KindReplace
+	}
+	if allOld && !hasReplace {
 		j.remove(id)
 		if err := pt.State.Save(j); err != nil {
 			return nil, err
@@ -227,24 +235,46 @@ func (pt *Patcher) Revert(ctx context.Context, d Domain, id string) (*Result, er
 		res.NoOp, res.Message = true, fmt.Sprintf("patch %s was no longer in the memory of domain %s; removed from the journal", id, d.Name)
 		return res, nil
 	}
-	jp.State = StateReverting
-	if err := pt.State.Save(j); err != nil {
-		return nil, err
-	}
-	fr, err := writeUnderFreeze(ctx, d, pl, true)
-	res.Freeze = fr
-	if err != nil {
-		jp.State = StateApplied
-		if serr := pt.State.Save(j); serr != nil {
-			err = fmt.Errorf("%w (and the journal could not be updated: %v)", err, serr)
+	if !allOld {
+		jp.State = StateReverting
+		if err := pt.State.Save(j); err != nil {
+			return nil, err
 		}
-		return res, fmt.Errorf("domain %s: reverting %s: %w", d.Name, id, err)
+		fr, err := writeUnderFreeze(ctx, d, pl, true)
+		res.Freeze = fr
+		if err != nil {
+			jp.State = StateApplied
+			if serr := pt.State.Save(j); serr != nil {
+				err = fmt.Errorf("%w (and the journal could not be updated: %v)", err, serr)
+			}
+			return res, fmt.Errorf("domain %s: reverting %s: %w", d.Name, id, err)
+		}
+	}
+	released := ""
+	if hasReplace {
+		// The jumps are gone; the code is released in later stops, once
+		// nothing runs in it any more.
+		jp.State = StateReleasing
+		if err := pt.State.Save(j); err != nil {
+			return res, err
+		}
+		t0 := time.Now()
+		waits, err := releaseReplaced(ctx, d, jp)
+		res.ReleaseTime, res.ReleaseWaits = time.Since(t0), waits
+		if err != nil {
+			return res, fmt.Errorf("domain %s: patch %s: the jump is removed (the guest runs its original code) but the replacement could not be released from the code area: %w; revert again to retry", d.Name, id, err)
+		}
+		released = fmt.Sprintf("; replacement code released from the code area in %v (%d retries while in use)", res.ReleaseTime.Round(time.Millisecond), waits)
 	}
 	j.remove(id)
 	if err := pt.State.Save(j); err != nil {
 		return res, fmt.Errorf("domain %s: patch %s is reverted but the journal could not be saved: %w", d.Name, id, err)
 	}
-	res.Message = fmt.Sprintf("patch %s reverted on domain %s, guest frozen %v (%s)", id, d.Name, fr.Window, fr.Method)
+	if allOld {
+		res.Message = fmt.Sprintf("patch %s reverted on domain %s: the jump was already gone%s", id, d.Name, released)
+	} else {
+		res.Message = fmt.Sprintf("patch %s reverted on domain %s, guest frozen %v (%s)%s", id, d.Name, res.Freeze.Window, res.Freeze.Method, released)
+	}
 	return res, nil
 }
 
@@ -295,6 +325,16 @@ func writeUnderFreeze(ctx context.Context, d Domain, pl *Plan, revert bool) (fr 
 			return fr, fmt.Errorf("bytes at %#x changed before the freeze: expected % x, found % x", c.VA, c.Old, cur)
 		}
 	}
+	// Replacement code goes into the code area first: complete and
+	// verified before any jump leads to it.
+	undoInstall := func() error { return nil }
+	if !revert {
+		u, err := installReplacements(sg, pl)
+		if err != nil {
+			return fr, fmt.Errorf("installing the replacement code: %w", err)
+		}
+		undoInstall = u
+	}
 	written := 0
 	restore := func(cause error) error {
 		var errs []error
@@ -307,6 +347,9 @@ func writeUnderFreeze(ctx context.Context, d Domain, pl *Plan, revert bool) (fr 
 			if err := sg.Read(c.VA, c.GPA, back); err != nil || string(back) != string(c.Old) {
 				errs = append(errs, fmt.Errorf("restoring %#x: read back % x, want % x (%v)", c.VA, back, c.Old, err))
 			}
+		}
+		if err := undoInstall(); err != nil {
+			errs = append(errs, err)
 		}
 		if len(errs) > 0 {
 			return fmt.Errorf("%w; RESTORE FAILED, guest memory may hold a partial patch: %w", cause, errors.Join(errs...))

@@ -15,6 +15,9 @@ const (
 	StatePending   = "pending"   // about to be written into the guest
 	StateApplied   = "applied"   // written and read back
 	StateReverting = "reverting" // about to be restored
+	// StateReleasing: the jumps of replace edits are gone, their code is
+	// still in the code area (it was in use); a revert finishes it.
+	StateReleasing = "releasing"
 )
 
 // Journal is what hvpatch knows it has done to one domain. It lives in one
@@ -48,6 +51,10 @@ type JournalEdit struct {
 	Old    hexJSON `json:"old"`
 	New    hexJSON `json:"new"`
 	Chunks []Chunk `json:"chunks"`
+	// AreaEntry names the code-area entry a replace edit's jump leads to
+	// (the replacement symbol); Object is the file it was linked from.
+	AreaEntry string `json:"area_entry,omitempty"`
+	Object    string `json:"object,omitempty"`
 }
 
 type hexJSON []byte
@@ -67,6 +74,9 @@ func journalEdits(pl *Plan) []JournalEdit {
 	out := make([]JournalEdit, len(pl.Edits))
 	for i, e := range pl.Edits {
 		out[i] = JournalEdit{Kind: e.Kind, Symbol: e.Symbol, Offset: e.Offset, VA: e.VA, Old: e.Old, New: e.New, Chunks: e.Chunks}
+		if e.Replace != nil {
+			out[i].AreaEntry, out[i].Object = e.Replace.With, e.Replace.Object
+		}
 	}
 	return out
 }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path"
+	"path/filepath"
 	"regexp"
 	"strings"
 
@@ -19,7 +20,15 @@ type Patch struct {
 	ID          string `yaml:"id"`
 	Description string `yaml:"description"`
 	Match       Match  `yaml:"match"`
-	Edits       []Edit `yaml:"edits"`
+	// Domains optionally names the libvirt domains the patch is declared
+	// for (name globs or UUIDs); the daemon keeps it applied on them.
+	Domains StringList `yaml:"domains,omitempty"`
+	Edits   []Edit     `yaml:"edits"`
+
+	// Dir is the directory relative paths of the patch (replace objects)
+	// are taken from: the patch file's own directory for LoadPatch, the
+	// current directory when empty.
+	Dir string `yaml:"-"`
 }
 
 // Match says which guest kernels a patch is meant for. A kernel matches when
@@ -32,8 +41,9 @@ type Match struct {
 
 // Edit kinds.
 const (
-	KindReturn = "return"
-	KindBytes  = "bytes"
+	KindReturn  = "return"
+	KindBytes   = "bytes"
+	KindReplace = "replace"
 )
 
 // Edit is one change of a patch.
@@ -50,6 +60,19 @@ type Edit struct {
 	Offset  *uint64  `yaml:"offset,omitempty"`
 	Expect  HexBytes `yaml:"expect,omitempty"`
 	Replace HexBytes `yaml:"replace,omitempty"`
+
+	// replace: Function's entry jumps to the symbol With of the ELF
+	// relocatable Object (a path relative to the patch file's directory).
+	Object string `yaml:"object,omitempty"`
+	With   string `yaml:"with,omitempty"`
+}
+
+// ObjectPath is the file a replace edit's object is read from.
+func (p *Patch) ObjectPath(e *Edit) string {
+	if filepath.IsAbs(e.Object) || p.Dir == "" {
+		return e.Object
+	}
+	return filepath.Join(p.Dir, e.Object)
 }
 
 // MaxEditBytes bounds a bytes edit: longer rewrites are function
@@ -147,6 +170,7 @@ func LoadPatch(file string) (*Patch, error) {
 	if err != nil {
 		return nil, fmt.Errorf("patch file %s: %w", file, err)
 	}
+	p.Dir = filepath.Dir(file)
 	return p, nil
 }
 
@@ -196,6 +220,11 @@ func (p *Patch) Validate() error {
 		}
 		p.Match.BuildIDs[i] = norm
 	}
+	for _, g := range p.Domains {
+		if _, err := path.Match(g, ""); err != nil || g == "" {
+			return fmt.Errorf("patch %s: domains glob %q is not valid", p.ID, g)
+		}
+	}
 	if len(p.Edits) == 0 {
 		return fmt.Errorf("patch %s: no edits", p.ID)
 	}
@@ -208,7 +237,23 @@ func (p *Patch) Validate() error {
 }
 
 func (e *Edit) validate() error {
+	if e.Kind != KindReplace && (e.Object != "" || e.With != "") {
+		return fmt.Errorf("kind %s does not take object/with (those are for kind replace)", e.Kind)
+	}
 	switch e.Kind {
+	case KindReplace:
+		if e.Symbol != "" || e.Offset != nil || e.Expect != nil || e.Replace != nil || e.Value != nil || e.Void {
+			return fmt.Errorf("kind replace takes function, object and with, not symbol/offset/expect/replace/value/void")
+		}
+		if !symbolPattern.MatchString(e.Function) {
+			return fmt.Errorf("kind replace: function %q is not a symbol name", e.Function)
+		}
+		if e.Object == "" || strings.ContainsRune(e.Object, 0) {
+			return fmt.Errorf("kind replace: object (the path of an ELF relocatable .o) missing")
+		}
+		if !symbolPattern.MatchString(e.With) {
+			return fmt.Errorf("kind replace: with %q is not a symbol name (the replacement function in the object)", e.With)
+		}
 	case KindReturn:
 		if e.Symbol != "" || e.Offset != nil || e.Expect != nil || e.Replace != nil {
 			return fmt.Errorf("kind return takes function and value (or void), not symbol/offset/expect/replace")
@@ -250,9 +295,9 @@ func (e *Edit) validate() error {
 			return fmt.Errorf("kind bytes: replace equals expect, the edit changes nothing")
 		}
 	case "":
-		return fmt.Errorf("kind missing (return or bytes)")
+		return fmt.Errorf("kind missing (return, bytes or replace)")
 	default:
-		return fmt.Errorf("unknown kind %q (want return or bytes)", e.Kind)
+		return fmt.Errorf("unknown kind %q (want return, bytes or replace)", e.Kind)
 	}
 	return nil
 }
@@ -267,6 +312,8 @@ func (e *Edit) String() string {
 		return fmt.Sprintf("%s returns %d at once", e.Function, *e.Value)
 	case KindBytes:
 		return fmt.Sprintf("%s+%#x: %s -> %s", e.Symbol, *e.Offset, FormatHex(e.Expect), FormatHex(e.Replace))
+	case KindReplace:
+		return fmt.Sprintf("replace %s with %s from %s", e.Function, e.With, e.Object)
 	}
 	return e.Kind
 }

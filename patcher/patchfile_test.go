@@ -38,8 +38,8 @@ func TestExamplePatchesParse(t *testing.T) {
 			kinds[e.Kind] = true
 		}
 	}
-	if !kinds[KindReturn] || !kinds[KindBytes] {
-		t.Fatalf("the examples should show both edit kinds, have %v", kinds)
+	if !kinds[KindReturn] || !kinds[KindBytes] || !kinds[KindReplace] {
+		t.Fatalf("the examples should show every edit kind, have %v", kinds)
 	}
 }
 
@@ -100,6 +100,13 @@ func TestParsePatchRejects(t *testing.T) {
 		{"bytes same", head + "edits: [{kind: bytes, symbol: s, offset: 1, expect: \"90\", replace: \"90\"}]\n", "changes nothing"},
 		{"bytes too long", head + "edits: [{kind: bytes, symbol: s, offset: 1, expect: \"" + strings.Repeat("90", 65) + "\", replace: \"" + strings.Repeat("cc", 65) + "\"}]\n", "more than the 64"},
 		{"bytes negative offset", head + "edits: [{kind: bytes, symbol: s, offset: -1, expect: \"90\", replace: \"cc\"}]\n", "cannot unmarshal !!int `-1` into uint64"},
+		{"replace no object", head + "edits: [{kind: replace, function: f, with: g}]\n", "object"},
+		{"replace no with", head + "edits: [{kind: replace, function: f, object: a.o}]\n", "with \"\" is not a symbol"},
+		{"replace bad function", head + "edits: [{kind: replace, function: \"a b\", object: a.o, with: g}]\n", "not a symbol name"},
+		{"replace with value", head + "edits: [{kind: replace, function: f, object: a.o, with: g, value: 0}]\n", "not symbol/offset"},
+		{"object on return", head + "edits: [{kind: return, function: f, value: 0, object: a.o}]\n", "does not take object"},
+		{"bad domains glob", head + "domains: [\"a[\"]\nedits: [{kind: return, function: f, value: 0}]\n", "domains glob"},
+		{"empty domains glob", head + "domains: [\"\"]\nedits: [{kind: return, function: f, value: 0}]\n", "domains glob"},
 		{"bytes with value", head + "edits: [{kind: bytes, symbol: s, offset: 1, value: 0, expect: \"90\", replace: \"cc\"}]\n", "not function/value"},
 	}
 	for _, c := range cases {
@@ -127,6 +134,11 @@ func FuzzParsePatch(f *testing.F) {
 		if p.ID == "" || len(p.Edits) == 0 {
 			t.Fatalf("accepted a patch without id or edits: %+v", p)
 		}
+		for _, g := range p.Domains {
+			if g == "" {
+				t.Fatalf("accepted an empty domains glob: %+v", p.Domains)
+			}
+		}
 		for _, e := range p.Edits {
 			switch e.Kind {
 			case KindBytes:
@@ -137,9 +149,41 @@ func FuzzParsePatch(f *testing.F) {
 				if e.Value == nil && !e.Void {
 					t.Fatalf("accepted a return edit without value: %+v", e)
 				}
+			case KindReplace:
+				if e.Object == "" || e.With == "" || e.Function == "" {
+					t.Fatalf("accepted a replace edit without function, object or with: %+v", e)
+				}
 			default:
 				t.Fatalf("accepted kind %q", e.Kind)
 			}
 		}
 	})
+}
+
+func TestParseReplaceAndDomains(t *testing.T) {
+	dir := t.TempDir()
+	f := filepath.Join(dir, "r.yaml")
+	doc := "id: r\nmatch: {release: \"6.*\"}\ndomains: [\"web-*\", db]\nedits:\n  - {kind: replace, function: version_proc_show, object: sub/fix.o, with: my_show}\n"
+	if err := os.WriteFile(f, []byte(doc), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p, err := LoadPatch(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(p.Domains) != 2 || p.Domains[1] != "db" {
+		t.Errorf("domains %q", p.Domains)
+	}
+	e := &p.Edits[0]
+	if got, want := p.ObjectPath(e), filepath.Join(dir, "sub", "fix.o"); got != want {
+		t.Errorf("object path %s, want %s (relative to the patch file)", got, want)
+	}
+	abs := *e
+	abs.Object = "/abs/x.o"
+	if got := p.ObjectPath(&abs); got != "/abs/x.o" {
+		t.Errorf("absolute object path became %s", got)
+	}
+	if s := e.String(); !strings.Contains(s, "my_show") || !strings.Contains(s, "version_proc_show") {
+		t.Errorf("String() = %q", s)
+	}
 }

@@ -38,6 +38,8 @@ type PlannedEdit struct {
 	// Before and After are the instructions over the edited range, before
 	// and after the edit.
 	Before, After []introspect.Inst
+	// Replace is the code-area side of a replace edit (nil for others).
+	Replace *ReplacePlan
 }
 
 // Chunk is a part of an edit within one guest page, so that writers
@@ -93,6 +95,7 @@ func MakePlan(t Target, p *Patch, opt PlanOptions) (*Plan, error) {
 	if pl.BootID, err = BootIdentity(t); err != nil {
 		return nil, err
 	}
+	replaces := 0
 	for i := range p.Edits {
 		var pe PlannedEdit
 		switch e := &p.Edits[i]; e.Kind {
@@ -100,6 +103,12 @@ func MakePlan(t Target, p *Patch, opt PlanOptions) (*Plan, error) {
 			pe, err = planReturn(t, e)
 		case KindBytes:
 			pe, err = planBytes(t, e, opt)
+		case KindReplace:
+			if replaces++; replaces > 1 {
+				err = fmt.Errorf("a patch may hold one replace edit (each would be placed in the code area independently)")
+			} else {
+				pe, err = planReplace(t, p, e)
+			}
 		}
 		if err != nil {
 			return nil, fmt.Errorf("patch %s: edit %d (%s): %w", p.ID, i+1, p.Edits[i].String(), err)

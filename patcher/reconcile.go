@@ -117,10 +117,24 @@ func (pt *Patcher) reconcile(d Domain, j *Journal) (*Status, error) {
 func memoryState(t Target, jp JournalPatch) (string, []string) {
 	var nNew, nOld int
 	var details []string
+	var entries map[string]bool // code-area entries, read when needed
 	for _, je := range jp.Edits {
 		cur := make([]byte, len(je.New))
 		if err := t.ReadVirt(je.VA, cur); err != nil {
 			details = append(details, fmt.Sprintf("%s+%#x: %v", je.Symbol, je.Offset, err))
+			continue
+		}
+		if je.Kind == KindReplace {
+			ok, detail := replaceState(t, je, cur, &entries)
+			switch {
+			case detail != "":
+				details = append(details, detail)
+			case ok:
+				nNew++
+			default:
+				nOld++
+				details = append(details, fmt.Sprintf("%s+%#x holds the original % x and the code area no entry %s", je.Symbol, je.Offset, cur, je.AreaEntry))
+			}
 			continue
 		}
 		switch string(cur) {
@@ -142,4 +156,35 @@ func memoryState(t Target, jp JournalPatch) (string, []string) {
 		return MemMixed, details
 	}
 	return MemUnknown, details
+}
+
+// replaceState judges a replace edit: the jump and the code-area entry go
+// together. applied is true when both are there, false when neither is;
+// detail describes any other state (one without the other, foreign bytes).
+func replaceState(t Target, je JournalEdit, cur []byte, entries *map[string]bool) (applied bool, detail string) {
+	if *entries == nil {
+		m := map[string]bool{}
+		ents, err := areaEntries(t)
+		if err != nil {
+			return false, fmt.Sprintf("%s: cannot read the code area: %v", je.Symbol, err)
+		}
+		for name := range ents {
+			m[name] = true
+		}
+		*entries = m
+	}
+	placed := (*entries)[je.AreaEntry]
+	switch string(cur) {
+	case string(je.New):
+		if placed {
+			return true, ""
+		}
+		return false, fmt.Sprintf("%s+%#x jumps (% x) but the code area has no entry %s: the jump leads to released code", je.Symbol, je.Offset, cur, je.AreaEntry)
+	case string(je.Old):
+		if placed {
+			return false, fmt.Sprintf("%s+%#x holds the original % x but the code area still holds %s (its release is pending: revert again)", je.Symbol, je.Offset, cur, je.AreaEntry)
+		}
+		return false, ""
+	}
+	return false, fmt.Sprintf("%s+%#x holds % x (original % x, patched % x)", je.Symbol, je.Offset, cur, []byte(je.Old), []byte(je.New))
 }

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/hvpatch/hvpatch/introspect"
+	"github.com/hvpatch/hvpatch/linker"
 	"github.com/hvpatch/hvpatch/patcher"
 )
 
@@ -21,6 +22,20 @@ type Plan struct {
 	Release string `json:"release"`
 	BuildID string `json:"build_id,omitempty"`
 	Edits   []Edit `json:"edits"`
+	// Replacements are the code-area side of replace edits: where the new
+	// code goes and how it was linked.
+	Replacements []Replacement `json:"replacements,omitempty"`
+}
+
+// Replacement is the new code of one replace edit.
+type Replacement struct {
+	Edit     int             `json:"edit"` // 1-based, as in Edits
+	Function string          `json:"function"`
+	Object   string          `json:"object"`
+	With     string          `json:"with"`
+	LinkMap  *linker.LinkMap `json:"link_map,omitempty"`
+	// Writes lists what installing it writes into the code area.
+	Writes []string `json:"writes,omitempty"`
 }
 
 // Edit is one planned edit.
@@ -112,6 +127,13 @@ func PlanOf(pl *patcher.Plan) *Plan {
 			Old: patcher.FormatHex(e.Old), New: patcher.FormatHex(e.New), Applied: e.Applied, RIPCheck: e.RIPCheck,
 			Before: instLines(e.Before), After: instLines(e.After),
 		})
+		if r := e.Replace; r != nil {
+			rep := Replacement{Edit: len(out.Edits), Function: e.Symbol, Object: r.Object, With: r.With, LinkMap: r.LinkMap}
+			for _, w := range r.Writes {
+				rep.Writes = append(rep.Writes, fmt.Sprintf("%s: guest-physical %#x, %d bytes", w.What, w.GPA, len(w.New)))
+			}
+			out.Replacements = append(out.Replacements, rep)
+		}
 	}
 	return out
 }
@@ -145,6 +167,23 @@ func writePlan(w io.Writer, p *Plan) {
 		}
 		fmt.Fprintln(w, "  after:")
 		for _, l := range e.After {
+			fmt.Fprintln(w, "    "+l)
+		}
+	}
+	for _, r := range p.Replacements {
+		fmt.Fprintf(w, "edit %d replaces %s with %s from %s\n", r.Edit, r.Function, r.With, r.Object)
+		if r.LinkMap == nil {
+			fmt.Fprintln(w, "  already in the code area")
+			continue
+		}
+		fmt.Fprintln(w, "  link map:")
+		var b strings.Builder
+		r.LinkMap.Format(&b)
+		for _, l := range strings.Split(strings.TrimRight(b.String(), "\n"), "\n") {
+			fmt.Fprintln(w, "    "+l)
+		}
+		fmt.Fprintln(w, "  code area writes (in order, inside the freeze, before the jump):")
+		for _, l := range r.Writes {
 			fmt.Fprintln(w, "    "+l)
 		}
 	}
