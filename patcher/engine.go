@@ -79,23 +79,33 @@ func (pt *Patcher) now() time.Time {
 	return time.Now()
 }
 
+// begin starts an operation on d: it takes the domain's lock, loads the
+// journal and reconciles it with guest memory. The caller unlocks.
+func (pt *Patcher) begin(d Domain) (*DomainLock, *Journal, *Status, error) {
+	lock, err := pt.State.Lock(d.Name, d.UUID)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	j, err := pt.State.Load(d.Name, d.UUID)
+	if err == nil {
+		var st *Status
+		if st, err = pt.reconcile(d, j); err == nil {
+			return lock, j, st, nil
+		}
+	}
+	lock.Unlock()
+	return nil, nil, nil, err
+}
+
 // Apply plans the patch, then writes all its edits inside one freeze.
 // Nothing is written if planning fails; on any failure inside the freeze,
 // what was written is restored before the guest runs again.
 func (pt *Patcher) Apply(ctx context.Context, d Domain, p *Patch, opt ApplyOptions) (*Result, error) {
-	lock, err := pt.State.Lock(d.Name, d.UUID)
+	lock, j, st, err := pt.begin(d)
 	if err != nil {
 		return nil, err
 	}
 	defer lock.Unlock()
-	j, err := pt.State.Load(d.Name, d.UUID)
-	if err != nil {
-		return nil, err
-	}
-	st, err := pt.reconcile(d, j)
-	if err != nil {
-		return nil, err
-	}
 	pl, err := MakePlan(d.Target, p, opt.PlanOptions)
 	if err != nil {
 		return nil, fmt.Errorf("domain %s: %w", d.Name, err)
@@ -177,19 +187,11 @@ func (pt *Patcher) entry(pl *Plan, state, writer string, window time.Duration) J
 // Revert restores the original bytes of an applied patch, after checking
 // that the patched bytes are still there.
 func (pt *Patcher) Revert(ctx context.Context, d Domain, id string) (*Result, error) {
-	lock, err := pt.State.Lock(d.Name, d.UUID)
+	lock, j, st, err := pt.begin(d)
 	if err != nil {
 		return nil, err
 	}
 	defer lock.Unlock()
-	j, err := pt.State.Load(d.Name, d.UUID)
-	if err != nil {
-		return nil, err
-	}
-	st, err := pt.reconcile(d, j)
-	if err != nil {
-		return nil, err
-	}
 	jp := j.Find(id)
 	if jp == nil {
 		for _, ps := range st.Differences() {

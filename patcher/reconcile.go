@@ -39,16 +39,12 @@ type Status struct {
 // a pending apply found complete becomes applied. Entries with bytes that
 // are neither original nor patched are kept and reported.
 func (pt *Patcher) Reconcile(d Domain) (*Status, error) {
-	lock, err := pt.State.Lock(d.Name, d.UUID)
+	lock, _, st, err := pt.begin(d)
 	if err != nil {
 		return nil, err
 	}
 	defer lock.Unlock()
-	j, err := pt.State.Load(d.Name, d.UUID)
-	if err != nil {
-		return nil, err
-	}
-	return pt.reconcile(d, j)
+	return st, nil
 }
 
 // Differences lists the patches whose journal entry did not match memory.

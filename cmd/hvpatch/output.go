@@ -2,10 +2,9 @@ package main
 
 import (
 	"encoding/json"
-	"fmt"
 	"io"
-	"strings"
-	"text/tabwriter"
+
+	"github.com/hvpatch/hvpatch/service"
 )
 
 // Output prints a command's result as text or, with --json, as one JSON
@@ -27,12 +26,8 @@ func (o *Output) Emit(v any, text func(w io.Writer) error) error {
 	return text(o.w)
 }
 
-// Table writes aligned columns under upper-case headers.
+// Table writes aligned columns under upper-case headers (the one
+// renderer the service layer uses too).
 func Table(w io.Writer, headers []string, rows [][]string) error {
-	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, strings.ToUpper(strings.Join(headers, "\t")))
-	for _, r := range rows {
-		fmt.Fprintln(tw, strings.Join(r, "\t"))
-	}
-	return tw.Flush()
+	return service.Table(w, headers, rows)
 }
