@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -17,6 +16,7 @@ import (
 
 	"github.com/hvpatch/hvpatch/hypervisor"
 	"github.com/hvpatch/hvpatch/internal/testguest"
+	"github.com/hvpatch/hvpatch/internal/testkernel"
 	"github.com/hvpatch/hvpatch/introspect"
 	"github.com/hvpatch/hvpatch/linker"
 )
@@ -34,30 +34,9 @@ type liveGuest struct {
 func attach(t *testing.T, kern testguest.Kernel) *liveGuest {
 	t.Helper()
 	g := testguest.Start(t, testguest.Options{Kernel: kern, VCPUs: 2, MemoryMiB: 512})
-	ctx := context.Background()
-	conn, err := hypervisor.Connect(ctx, hypervisor.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	dom, err := conn.LookupDomain(ctx, g.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mem, err := dom.OpenPhysMem(ctx, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { mem.Close() })
-	cpus, err := dom.CPUs(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	k, err := introspect.Open(ctx, mem, cpus)
-	if err != nil {
-		t.Fatalf("introspect.Open on %s: %v", kern.Release, err)
-	}
-	w, err := dom.NewCodeWriter(ctx, "", mem)
+	lk := testkernel.Attach(t, g)
+	dom, mem, k := lk.Dom, lk.Mem, lk.Kernel
+	w, err := dom.NewCodeWriter(context.Background(), "", mem)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -107,23 +86,6 @@ const (
 
 func compileObjects(t *testing.T, kern testguest.Kernel) string {
 	t.Helper()
-	root, err := testguest.RepoRoot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := t.TempDir()
-	kcfg := filepath.Join(kern.Dir, "config")
-	run := func(name string, args ...string) string {
-		cmd := exec.Command(name, args...)
-		cmd.Dir = root
-		b, err := cmd.CombinedOutput()
-		if err != nil {
-			t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, b)
-		}
-		return string(b)
-	}
-	run("make", "-s", "-C", "examples/replace", "REPLACE_KCONFIG="+kcfg, "REPLACE_OUT="+out)
-	flags := strings.Fields(run("make", "-s", "-C", "examples/replace", "replace-flags", "REPLACE_KCONFIG="+kcfg))
 	seqPuts := "seq_puts"
 	if kern.Series != "6.1" {
 		seqPuts = "__seq_puts"
@@ -132,14 +94,7 @@ func compileObjects(t *testing.T, kern testguest.Kernel) string {
 	for n, s := range badSources {
 		srcs[n] = s
 	}
-	for name, src := range srcs {
-		c := filepath.Join(out, name+".c")
-		if err := os.WriteFile(c, []byte(src), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		run("gcc", append(flags, "-c", c, "-o", filepath.Join(out, name+".o"))...)
-	}
-	return out
+	return testkernel.BuildReplacements(t, kern, srcs)
 }
 
 // find is Find with the vCPU registers read through the monitor during

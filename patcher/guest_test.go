@@ -16,8 +16,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hvpatch/hvpatch/hypervisor"
 	"github.com/hvpatch/hvpatch/internal/testguest"
+	"github.com/hvpatch/hvpatch/internal/testkernel"
 )
 
 // liveGuest is a booted test guest opened for patching.
@@ -31,15 +31,7 @@ func startLive(t *testing.T, k testguest.Kernel) *liveGuest {
 	t.Helper()
 	g := testguest.Start(t, testguest.Options{Kernel: k, VCPUs: 2, MemoryMiB: 512})
 	ctx := context.Background()
-	conn, err := hypervisor.Connect(ctx, hypervisor.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	hv, err := conn.LookupDomain(ctx, g.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
+	hv := testkernel.Domain(t, g)
 	live, err := OpenLive(ctx, hv, "")
 	if err != nil {
 		t.Fatal(err)

@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -17,6 +16,7 @@ import (
 
 	"github.com/hvpatch/hvpatch/codearea"
 	"github.com/hvpatch/hvpatch/internal/testguest"
+	"github.com/hvpatch/hvpatch/internal/testkernel"
 	"github.com/hvpatch/hvpatch/linker"
 )
 
@@ -44,31 +44,11 @@ const replaceMarker = "(version_proc_show replaced by hvpatch)"
 // for the guest's kernel config; it returns the output directory.
 func buildReplaceObjects(t *testing.T, k testguest.Kernel) string {
 	t.Helper()
-	root, err := testguest.RepoRoot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := t.TempDir()
-	kcfg := filepath.Join(k.Dir, "config")
-	run := func(name string, args ...string) string {
-		cmd := exec.Command(name, args...)
-		cmd.Dir = root
-		b, err := cmd.CombinedOutput()
-		if err != nil {
-			t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, b)
-		}
-		return string(b)
-	}
-	run("make", "-s", "-C", "examples/replace", "REPLACE_KCONFIG="+kcfg, "REPLACE_OUT="+out)
-	flags := strings.Fields(run("make", "-s", "-C", "examples/replace", "replace-flags", "REPLACE_KCONFIG="+kcfg))
+	srcs := map[string]string{}
 	for name, b := range badReplaceSources {
-		c := filepath.Join(out, name+".c")
-		if err := os.WriteFile(c, []byte(b.src), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		run("gcc", append(flags, "-c", c, "-o", filepath.Join(out, name+".o"))...)
+		srcs[name] = b.src
 	}
-	return out
+	return testkernel.BuildReplacements(t, k, srcs)
 }
 
 // memHash hashes the kernel text and the first MiB of guest RAM (where the
