@@ -7,6 +7,9 @@
 # Layout of $OUT:
 #   kernels/<release>/{vmlinuz,config,vmlinux,modules/}   one per series
 #   kernels.txt                                          "<series> <release>" lines
+#   fix-kernels.txt                                      pinned older builds ("<label> <release>")
+#                                                        for the hot-fix acceptance tests; kept
+#                                                        apart so loops over kernels.txt skip them
 #   initramfs.cpio.gz                                    shared by both kernels
 set -euo pipefail
 
@@ -33,8 +36,8 @@ ensure_apt_lists() {
 	fi
 }
 
-fetch_kernel() { # SERIES_LABEL PACKAGE
-	local label=$1 pkg=$2 release dir deb
+fetch_kernel() { # SERIES_LABEL PACKAGE [LIST_FILE]
+	local label=$1 pkg=$2 list=${3:-$OUT/kernels.txt.tmp} release dir deb
 	release=${pkg#linux-image-}
 	dir="$OUT/kernels/$release"
 	if [ -s "$dir/vmlinuz" ] && [ -s "$dir/vmlinux" ]; then
@@ -66,7 +69,52 @@ fetch_kernel() { # SERIES_LABEL PACKAGE
 		mv "$dir.tmp" "$dir"
 		rm -f "$deb"
 	fi
-	printf '%s %s\n' "$label" "$release" >>"$OUT/kernels.txt.tmp"
+	printf '%s %s\n' "$label" "$release" >>"$list"
+}
+
+# Pinned older builds for the hot-fix tests (testdata/fixes): the fixes there
+# are upstream stable commits between this build and the newest 6.1, and their
+# diffs apply to exactly this build's source (linux-source-6.1 6.1.170-3).
+# "<label>:<package>" pairs.
+FIX_KERNELS=${FIX_KERNELS:-"6.1-fix:linux-image-6.1.0-47-cloud-amd64"}
+
+# fetch_fix_kernels writes fix-kernels.txt. A pinned build that has aged out of
+# the archive is reported, not fatal: the other kernels still build, and
+# testguest.FixKernel says what is missing.
+fetch_fix_kernels() {
+	local pair label pkg release rc
+	rm -f "$OUT/fix-kernels.txt.tmp"
+	touch "$OUT/fix-kernels.txt.tmp"
+	for pair in $FIX_KERNELS; do
+		label=${pair%%:*} pkg=${pair#*:}
+		release=${pkg#linux-image-}
+		if [ -s "$OUT/kernels/$release/vmlinuz" ] && [ -s "$OUT/kernels/$release/vmlinux" ]; then
+			printf '%s %s\n' "$label" "$release" >>"$OUT/fix-kernels.txt.tmp"
+			continue
+		fi
+		if [ -z "$(apt-cache show "$pkg" 2>/dev/null | head -n 1)" ] &&
+			[ -z "$(apt-cache show "$pkg-unsigned" 2>/dev/null | head -n 1)" ]; then
+			log "WARNING: pinned fix kernel $pkg ($label) is no longer in the apt archive;"
+			log "WARNING: the hot-fix tests cannot run. Pick a served older 6.1 build (apt-cache madison),"
+			log "WARNING: rebase testdata/fixes/*.diff onto its linux-source-6.1 and update FIX_KERNELS in $0"
+			continue
+		fi
+		# A failed download must not stop the build of the other kernels:
+		# run it in a subshell that still exits on the first error.
+		rm -f "$OUT/fix-kernels.txt.tmp.one"
+		set +e
+		(set -e; fetch_kernel "$label" "$pkg" "$OUT/fix-kernels.txt.tmp.one")
+		rc=$?
+		set -e
+		if [ "$rc" -eq 0 ]; then
+			cat "$OUT/fix-kernels.txt.tmp.one" >>"$OUT/fix-kernels.txt.tmp"
+		else
+			log "WARNING: fetching pinned fix kernel $pkg ($label) failed; the hot-fix tests cannot run"
+			rm -rf "$OUT/kernels/$release.tmp"
+		fi
+		rm -f "$OUT/fix-kernels.txt.tmp.one"
+	done
+	mv "$OUT/fix-kernels.txt.tmp" "$OUT/fix-kernels.txt"
 }
 
 extract_vmlinux() { # VMLINUZ OUT
@@ -134,5 +182,6 @@ for pair in '6.1:6\.1\.0-' '6.12:6\.12\.'; do
 	fetch_kernel "$label" "$pkg"
 done
 mv "$OUT/kernels.txt.tmp" "$OUT/kernels.txt"
+fetch_fix_kernels
 build_initramfs
-log "done: $(tr '\n' ' ' <"$OUT/kernels.txt")"
+log "done: $(tr '\n' ' ' <"$OUT/kernels.txt") fix: $(tr '\n' ' ' <"$OUT/fix-kernels.txt")"
