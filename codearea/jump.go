@@ -66,7 +66,10 @@ func EntrySite(k *introspect.Kernel, fn string) (uint64, error) {
 // returns from fn (a plain ret, or a jump to the return thunk the guest
 // chose at boot; __x86_return_thunk is never taken from kallsyms, which on
 // 6.12 points at a thunk that warns), every other name from kallsyms
-// (ambiguous names are unresolved).
+// (ambiguous names are unresolved; "NAME,N" picks the N-th symbol called
+// NAME in kallsyms address order, N from 1), and the guest's static-key
+// states and CPU features for the object's jump labels and alternatives
+// (guestspecial.go).
 func LinkFor(k *introspect.Kernel, fn string) (linker.Options, linker.Resolver, error) {
 	var opt linker.Options
 	addr, err := k.Symbols.Addr(fn)
@@ -105,9 +108,13 @@ func LinkFor(k *introspect.Kernel, fn string) (linker.Options, linker.Resolver, 
 	case thunk == 0:
 		return opt, nil, fmt.Errorf("codearea: %s at %#x: found neither a ret nor a jump to a return thunk in its %d bytes", fn, addr, size)
 	}
+	guestState(k, &opt)
 	resolve := func(name string) (uint64, bool) {
 		if name == linker.ReturnThunk {
 			return thunk, thunk != 0
+		}
+		if a, ok := resolveNth(k, name); ok {
+			return a, true
 		}
 		a, err := k.Symbols.Addr(name)
 		return a, err == nil

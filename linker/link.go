@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"sort"
+	"strings"
 )
 
 // Resolver gives the guest address of a kernel symbol (from kallsyms);
@@ -21,13 +22,34 @@ type Layout struct {
 	DataLimit uint64 // bytes available at DataBase
 }
 
-// Options adapt the link to how the guest kernel treats returns.
+// Options adapt the link to the guest kernel's state: how it returns, which
+// static keys are on, which CPU features it saw. The link finishes the code
+// as the guest kernel finished its own at boot (special.go), so one object
+// serves every guest of the same build.
 type Options struct {
 	// PlainReturns turns every `jmp __x86_return_thunk` into
 	// `ret; int3; int3; int3; int3`, as the kernel does to its own return
 	// sites at boot when no return-thunk mitigation is active. Without it
 	// the jump goes to whatever the resolver gives for __x86_return_thunk.
 	PlainReturns bool
+
+	// KeyEnabled says whether the struct static_key at keyAddr (a guest
+	// address) is enabled: static_key_enabled(), i.e. its atomic_t enabled
+	// (offset 0) > 0. Needed when the object has a __jump_table. Each site
+	// gets a jmp or a NOP as jump_label_type() decides; the choice is
+	// frozen: a later flip of the key in the guest does not reach the code
+	// area, whose sites are in none of the kernel's jump tables.
+	KeyEnabled func(keyAddr uint64) (bool, error)
+
+	// CPUFeature says whether boot_cpu_has(bit) in the guest: bit is an
+	// X86_FEATURE_* number, or X86_BUG_* (after the feature words of the
+	// same x86_capability array). Needed when the object has .altinstructions.
+	CPUFeature func(bit uint16) (bool, error)
+
+	// AltLayout is the size of struct alt_instr: AltLayout61 (12 bytes,
+	// Linux 6.1), AltLayout612 (14 bytes, 6.3 and later) or AltLayoutAuto
+	// (told apart by the section's size and relocation offsets).
+	AltLayout int
 }
 
 // ReturnThunk is the symbol gcc's -mfunction-return=thunk-extern jumps to
@@ -129,6 +151,16 @@ func (o *Object) link(entry string, lay Layout, resolve Resolver, opt Options) (
 		return nil, errs
 	}
 	sort.SliceStable(m.Relocations, func(i, j int) bool { return m.Relocations[i].Addr < m.Relocations[j].Addr })
+
+	ctx := &specialCtx{o: o, img: img, offs: offs, addr: addr, imports: imports, opt: opt}
+	if errs := ctx.process(); len(errs) > 0 {
+		return nil, errs
+	}
+	for _, ig := range m.Ignored {
+		if strings.HasPrefix(ig.Name, ".static_call_sites") {
+			m.Notes = append(m.Notes, "static calls go through the kernel's __SCT__* trampolines, which follow static_call_update() in the guest")
+		}
+	}
 
 	img.Entry = addr[entrySym.sec] + entrySym.value
 	m.EntryAddr = img.Entry

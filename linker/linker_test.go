@@ -422,7 +422,8 @@ func TestRefusedSections(t *testing.T) {
 		{"bug table", `void f(void) { asm(".pushsection __bug_table,\"aw\"\n.long 0\n.popsection"); }`, nil, "__bug_table"},
 		{"per-cpu", `__attribute__((section(".data..percpu"))) int pcpu; int f(void) { return pcpu; }`, nil, ".data..percpu"},
 		{"constructor", `static int x; static void __attribute__((constructor)) init(void) { x = 1; } int f(void) { return x; }`, nil, ".init_array"},
-		{"patchable entry", `void f(void) {}`, []string{"-fpatchable-function-entry=5"}, "__patchable_function_entries"},
+		{"exception table", `void f(void) { asm("1: nop\n.pushsection __ex_table,\"a\"\n.long 1b - .\n.long 1b - .\n.long 0\n.popsection"); }`, nil, "__ex_table"},
+		{"static call trampoline", `void f(void) {} asm(".pushsection .static_call.text,\"ax\"\nret\n.popsection");`, nil, ".static_call.text"},
 		{"unknown section", `__attribute__((section(".mystuff"))) int x = 1; int f(void) { return x; }`, nil, ".mystuff"},
 	}
 	for _, c := range cases {

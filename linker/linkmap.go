@@ -24,6 +24,52 @@ type LinkMap struct {
 	Symbols     []DefinedSymbol  `json:"symbols"`
 	Imports     []ImportedSymbol `json:"imports"`
 	Relocations []AppliedReloc   `json:"relocations"`
+
+	// What the linker did in place of the kernel's own boot/module-load
+	// processing of special sections, decided from the guest's state.
+	JumpLabels   []JumpLabelSite `json:"jump_labels,omitempty"`
+	Alternatives []AltSite       `json:"alternatives,omitempty"`
+	Bugs         []BugSite       `json:"bugs,omitempty"`
+	// Notes say what differs from the guest's own code: sites frozen at
+	// link time, WARNs silenced, sections dropped.
+	Notes []string `json:"notes,omitempty"`
+}
+
+// JumpLabelSite is one static-branch site as set at link time.
+type JumpLabelSite struct {
+	Site    string `json:"site"` // function+offset
+	Addr    uint64 `json:"addr"`
+	Size    int    `json:"size"` // 2 or 5
+	Key     string `json:"key"`  // symbol of the struct static_key
+	KeyAddr uint64 `json:"key_addr"`
+	Branch  bool   `json:"branch"`  // jump_entry branch bit (likely on a false key / unlikely on a true key)
+	Enabled bool   `json:"enabled"` // static_key_enabled() at link time
+	Jump    bool   `json:"jump"`    // jmp written (else the NOP)
+	Target  uint64 `json:"target"`
+	Note    string `json:"note,omitempty"`
+}
+
+// AltSite is one alternative as decided at link time.
+type AltSite struct {
+	Site       string `json:"site"`
+	Addr       uint64 `json:"addr"`
+	Len        int    `json:"len"`
+	Feature    uint16 `json:"feature"` // X86_FEATURE_* / X86_BUG_* bit number
+	Not        bool   `json:"not,omitempty"`
+	FeatureSet bool   `json:"feature_set"`
+	Applied    bool   `json:"applied"` // replacement copied over the original
+	ReplAddr   uint64 `json:"repl_addr"`
+	ReplLen    int    `json:"repl_len"`
+}
+
+// BugSite is a BUG()/WARN() trap site.
+type BugSite struct {
+	Site  string `json:"site"`
+	Addr  uint64 `json:"addr"`
+	File  string `json:"file,omitempty"`
+	Line  int    `json:"line"`
+	Flags uint16 `json:"flags"`
+	Warn  bool   `json:"warn"` // WARN: ud2 replaced by a NOP; BUG: ud2 kept
 }
 
 // PlacedSection is a section copied into the text or data image.
@@ -120,6 +166,41 @@ func (m LinkMap) Format(w io.Writer) {
 			written = r.Note
 		}
 		fmt.Fprintf(tw, "  %s+%#x\t%#x\t%s\t%s%+d\t%#x\t%s\n", r.Section, r.Offset, r.Addr, r.Type, symbolLabel(r.Symbol), r.Addend, r.Target, written)
+	}
+	if len(m.JumpLabels) > 0 {
+		fmt.Fprintln(tw, "\njump labels (set at link time from the keys' state):")
+		fmt.Fprintln(tw, "  site\taddress\tkey\tenabled\tbranch\twritten")
+		for _, j := range m.JumpLabels {
+			w := fmt.Sprintf("nop%d", j.Size)
+			if j.Jump {
+				w = fmt.Sprintf("jmp %#x", j.Target)
+			}
+			if j.Note != "" {
+				w += " (" + j.Note + ")"
+			}
+			fmt.Fprintf(tw, "  %s\t%#x\t%s@%#x\t%v\t%v\t%s\n", j.Site, j.Addr, j.Key, j.KeyAddr, j.Enabled, j.Branch, w)
+		}
+	}
+	if len(m.Alternatives) > 0 {
+		fmt.Fprintln(tw, "\nalternatives:")
+		fmt.Fprintln(tw, "  site\taddress\tfeature\tset\tresult")
+		for _, a := range m.Alternatives {
+			f := fmt.Sprintf("%d*32+%d", a.Feature/32, a.Feature%32)
+			if a.Not {
+				f = "!" + f
+			}
+			res := fmt.Sprintf("original kept (%d bytes)", a.Len)
+			if a.Applied {
+				res = fmt.Sprintf("replacement (%d of %d bytes) from %#x", a.ReplLen, a.Len, a.ReplAddr)
+			}
+			fmt.Fprintf(tw, "  %s\t%#x\t%s\t%v\t%s\n", a.Site, a.Addr, f, a.FeatureSet, res)
+		}
+	}
+	if len(m.Notes) > 0 {
+		fmt.Fprintln(tw, "\nnotes:")
+		for _, n := range m.Notes {
+			fmt.Fprintf(tw, "  %s\n", n)
+		}
 	}
 	tw.Flush()
 }

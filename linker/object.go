@@ -28,7 +28,11 @@ type Object struct {
 	ignored  []IgnoredSection
 	symbols  []symbol // indexed by ELF symbol index; 0 is the null symbol
 	relocs   []reloc
-	common   *section // synthetic section for SHN_COMMON symbols, nil if none
+	common   *section                   // synthetic section for SHN_COMMON symbols, nil if none
+	special  map[string]*specialSection // processed kernel tables (special.go)
+	// ignoredRefs are symbols referenced only from ignored sections'
+	// relocations (objtool lists, ORC, ...): they need not resolve.
+	ignoredRefs map[int]bool
 }
 
 type area int
@@ -105,24 +109,9 @@ var refusedSections = []struct{ prefix, reason string }{
 	{".preinit_array", "constructors: nothing in the guest would run them"},
 	{".ctors", "constructors: nothing in the guest would run them"},
 	{".dtors", "destructors: nothing in the guest would run them"},
-	{".altinstr", "alternatives are applied by the kernel at boot or module load, never to a code area"},
-	{".altinstructions", "alternatives are applied by the kernel at boot or module load, never to a code area"},
-	{"__jump_table", "static keys: the kernel would never patch these jump sites when the key flips"},
-	{".static_call_sites", "static calls: the kernel would never update these call sites"},
 	{".static_call", "static call trampolines belong to the kernel image"},
-	{"__bug_table", "BUG()/WARN() entries: the trap handler would not find them and would treat the ud2 as a real fault"},
-	{"__ex_table", "exception fixups: a fault in this code would not be fixed up and would oops"},
-	{".return_sites", "objtool return-thunk sites: the kernel would never patch them"},
-	{".call_sites", "objtool call-depth sites: the kernel would never patch them"},
-	{".retpoline_sites", "objtool retpoline sites: the kernel would never patch them"},
-	{".ibt_endbr_seal", "objtool IBT seal list: the kernel would never process it"},
-	{"__patchable_function_entries", "patchable entries (-fpatchable-function-entry) are registered with ftrace only for the kernel and modules"},
-	{"__mcount_loc", "ftrace call sites (-pg/-mrecord-mcount) are registered only for the kernel and modules"},
-	{".orc_unwind", "ORC unwind data is registered only for the kernel and modules"},
-	{".orc_header", "ORC unwind data is registered only for the kernel and modules"},
-	{".smp_locks", "LOCK-prefix alternatives are applied only to the kernel and modules"},
+	{".altinstr", "alternatives section of a kind the linker does not process"},
 	{".data..percpu", "per-CPU variables need a copy in every CPU's per-CPU area, which only the module loader creates"},
-	{".discard", "sections the kernel's linker script discards"},
 	{"__ksymtab", "symbol exports: a code area exports nothing"},
 	{"__tracepoints", "tracepoints are registered only for the kernel and modules"},
 	{"__param", "module parameters are registered only by the module loader"},
@@ -184,7 +173,26 @@ func parse(name string, data []byte) (*Object, []error) {
 	var errs []error
 	byIndex := make(map[int]*section)
 	skippedByIndex := make(map[int]string)
+	specialByIndex := make(map[int]*specialSection)
 	for i, s := range f.Sections {
+		if processedSections[s.Name] && s.Flags&elf.SHF_ALLOC != 0 && s.Type == elf.SHT_PROGBITS {
+			data, err := s.Data()
+			if err != nil {
+				errs = append(errs, fmt.Errorf("section %s: reading contents: %w", s.Name, err))
+				continue
+			}
+			if o.special == nil {
+				o.special = make(map[string]*specialSection)
+			}
+			if o.special[s.Name] != nil {
+				errs = append(errs, &SectionError{Section: s.Name, Reason: "appears twice"})
+				continue
+			}
+			sp := &specialSection{name: s.Name, data: data, relocs: make(map[uint64]reloc)}
+			o.special[s.Name] = sp
+			specialByIndex[i] = sp
+			continue
+		}
 		sec, ignoreReason, err := classify(i, s)
 		switch {
 		case err != nil:
@@ -245,13 +253,43 @@ func parse(name string, data []byte) (*Object, []error) {
 		if rs.Type != elf.SHT_RELA {
 			continue
 		}
+		if sp := specialByIndex[int(rs.Info)]; sp != nil {
+			target := &section{index: int(rs.Info), name: sp.name, size: uint64(len(sp.data)), data: sp.data}
+			rels, rerrs := o.parseRelocs(rs, target)
+			errs = append(errs, rerrs...)
+			for _, r := range rels {
+				sp.relocs[r.off] = r
+			}
+			continue
+		}
 		target := byIndex[int(rs.Info)]
 		if target == nil {
-			continue // relocations of an ignored section (debug info, .eh_frame)
+			o.noteIgnoredRefs(rs) // relocations of an ignored section (debug info, .eh_frame, objtool lists)
+			continue
 		}
-		errs = append(errs, o.parseRelocs(rs, target)...)
+		rels, rerrs := o.parseRelocs(rs, target)
+		o.relocs = append(o.relocs, rels...)
+		errs = append(errs, rerrs...)
+	}
+	errs = append(errs, o.checkSpecialSizes()...)
+	if sp := o.special[secExTable]; sp != nil {
+		errs = append(errs, o.checkExTable(sp)...)
 	}
 	return o, errs
+}
+
+// noteIgnoredRefs records the symbols an ignored section's relocations use.
+func (o *Object) noteIgnoredRefs(rs *elf.Section) {
+	data, err := rs.Data()
+	if err != nil {
+		return
+	}
+	if o.ignoredRefs == nil {
+		o.ignoredRefs = make(map[int]bool)
+	}
+	for i := 0; i+24 <= len(data); i += 24 {
+		o.ignoredRefs[int(binary.LittleEndian.Uint64(data[i+8:])>>32)] = true
+	}
 }
 
 // classify decides whether a section is placed, ignored (with a reason) or refused.
@@ -263,7 +301,19 @@ func classify(index int, s *elf.Section) (*section, string, error) {
 	if s.Flags&elf.SHF_ALLOC == 0 {
 		return nil, "not allocated (comments, debug info, markers)", nil
 	}
+	if processedSections[s.Name] {
+		// parse reads the PROGBITS ones into Object.special
+		return nil, "", &SectionError{Section: s.Name, Reason: fmt.Sprintf("section type %v, want PROGBITS", s.Type)}
+	}
+	for _, r := range ignoredSpecial {
+		if s.Name == r.prefix || strings.HasPrefix(s.Name, r.prefix) {
+			return nil, r.reason, nil
+		}
+	}
 	for _, r := range refusedSections {
+		if placedAsText[s.Name] {
+			break
+		}
 		if s.Name == r.prefix || strings.HasPrefix(s.Name, r.prefix) {
 			return nil, "", &SectionError{Section: s.Name, Reason: r.reason}
 		}
@@ -288,6 +338,9 @@ func classify(index int, s *elf.Section) (*section, string, error) {
 		return nil, "", &SectionError{Section: s.Name, Reason: "both writable and executable; the code area keeps W^X"}
 	}
 	base := plainName(s.Name)
+	if placedAsText[s.Name] && exec {
+		base = ".text"
+	}
 	if base == "" || exec != (base == ".text") {
 		return nil, "", &SectionError{Section: s.Name, Reason: "not a plain .text*/.rodata*/.data*/.bss* section; the guest kernel would never process it, so it is refused rather than guessed at"}
 	}
@@ -348,16 +401,17 @@ func (o *Object) addCommon(sym *symbol) {
 	o.common.size = off + sym.size
 }
 
-func (o *Object) parseRelocs(rs *elf.Section, target *section) []error {
+func (o *Object) parseRelocs(rs *elf.Section, target *section) ([]reloc, []error) {
 	data, err := rs.Data()
 	if err != nil {
-		return []error{fmt.Errorf("section %s: reading relocations: %w", rs.Name, err)}
+		return nil, []error{fmt.Errorf("section %s: reading relocations: %w", rs.Name, err)}
 	}
 	const entSize = 24 // Elf64_Rela
 	if len(data)%entSize != 0 {
-		return []error{fmt.Errorf("section %s: size %d is not a multiple of %d", rs.Name, len(data), entSize)}
+		return nil, []error{fmt.Errorf("section %s: size %d is not a multiple of %d", rs.Name, len(data), entSize)}
 	}
 	var errs []error
+	var out []reloc
 	for i := 0; i < len(data); i += entSize {
 		info := binary.LittleEndian.Uint64(data[i+8:])
 		r := reloc{
@@ -389,10 +443,10 @@ func (o *Object) parseRelocs(rs *elf.Section, target *section) []error {
 			continue
 		}
 		if r.typ != elf.R_X86_64_NONE {
-			o.relocs = append(o.relocs, r)
+			out = append(out, r)
 		}
 	}
-	return errs
+	return out, errs
 }
 
 func unsupportedHint(t elf.R_X86_64) string {
@@ -415,11 +469,24 @@ func (o *Object) relocError(r reloc, reason string) *RelocError {
 	return &RelocError{Section: r.sec.name, Offset: r.off, Type: r.typ, Symbol: name, Addend: r.addend, Reason: reason}
 }
 
-// Undefined lists, sorted, the names the object needs from the guest kernel.
+// Undefined lists, sorted, the names the object needs from the guest
+// kernel. Names only ignored sections refer to are left out.
 func (o *Object) Undefined() []string {
+	used := make(map[int]bool)
+	for _, r := range o.relocs {
+		used[r.sym] = true
+	}
+	for _, sp := range o.special {
+		for _, r := range sp.relocs {
+			used[r.sym] = true
+		}
+	}
 	seen := make(map[string]bool)
 	var names []string
-	for _, s := range o.symbols {
+	for i, s := range o.symbols {
+		if o.ignoredRefs[i] && !used[i] {
+			continue
+		}
 		if s.shndx == elf.SHN_UNDEF && s.name != "" && !seen[s.name] {
 			seen[s.name] = true
 			names = append(names, s.name)
