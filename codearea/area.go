@@ -62,6 +62,23 @@ type Area struct {
 
 	mapped  bool // the PMD entry, page table and header are in the guest
 	entries []Entry
+	// planned are placements planned and not installed yet, in order:
+	// their pages are taken for later plans, and each is installed as if
+	// those before it were.
+	planned []*Placement
+}
+
+// plannedEntries lists the entries of the placements planned before p
+// (all of them when p is nil) and not installed.
+func (a *Area) plannedEntries(p *Placement) []Entry {
+	var out []Entry
+	for _, q := range a.planned {
+		if q == p {
+			break
+		}
+		out = append(out, q.entry)
+	}
+	return out
 }
 
 // TextVA is the virtual address of text page i.
@@ -106,7 +123,7 @@ func (a *Area) Free() (text, data uint64) {
 func (a *Area) used() (text, data []bool) {
 	text = make([]bool, len(a.TextPages))
 	data = make([]bool, len(a.DataPages))
-	for _, e := range a.entries {
+	for _, e := range append(a.Entries(), a.plannedEntries(nil)...) {
 		for i := e.TextPage; i < e.TextPage+e.TextPages; i++ {
 			text[i] = true
 		}

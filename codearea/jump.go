@@ -9,6 +9,7 @@ import (
 
 	"github.com/hvpatch/hvpatch/introspect"
 	"github.com/hvpatch/hvpatch/linker"
+	"github.com/hvpatch/hvpatch/symbols"
 )
 
 // FentryNop is the 5-byte NOP dynamic ftrace leaves at every traceable
@@ -71,13 +72,18 @@ func EntrySite(k *introspect.Kernel, fn string) (uint64, error) {
 // states and CPU features for the object's jump labels and alternatives
 // (guestspecial.go).
 func LinkFor(k *introspect.Kernel, fn string) (linker.Options, linker.Resolver, error) {
-	var opt linker.Options
-	addr, err := k.Symbols.Addr(fn)
-	if err != nil {
-		return opt, nil, err
+	if _, err := k.Symbols.Addr(fn); err != nil {
+		return linker.Options{}, nil, err
 	}
-	syms := k.Symbols.Lookup(fn)
-	size := k.Symbols.FunctionSize(syms[0])
+	return LinkForSymbol(k, k.Symbols.Lookup(fn)[0])
+}
+
+// LinkForSymbol is LinkFor for one given symbol (one of several static
+// functions of the same name).
+func LinkForSymbol(k *introspect.Kernel, sym symbols.Symbol) (linker.Options, linker.Resolver, error) {
+	var opt linker.Options
+	fn, addr := sym.Name, sym.Addr
+	size := k.Symbols.FunctionSize(sym)
 	if size == 0 || size > 1<<16 {
 		return opt, nil, fmt.Errorf("codearea: %s: function size %d is not usable", fn, size)
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"slices"
 	"time"
 
 	"github.com/hvpatch/hvpatch/hypervisor"
@@ -16,7 +17,7 @@ import (
 // Placement is an object linked for a place in the area; nothing is in the
 // guest until Install.
 type Placement struct {
-	Name           string // the entry symbol
+	Name           string // the entry's name (the entry symbol, unless PlanNamed)
 	Image          *linker.Image
 	TextVA, DataVA uint64
 	// Site, if the caller sets it before Install, is the address of the
@@ -42,8 +43,14 @@ type PageWrite struct {
 // Every problem of the object (unresolved symbols, unsupported relocations,
 // sections too large for the free space) is an error here.
 func (a *Area) Plan(obj *linker.Object, entry string, resolve linker.Resolver, opt linker.Options) (*Placement, error) {
-	if _, dup := a.Entry(entry); dup {
-		return nil, fmt.Errorf("codearea: %q is already placed in the area", entry)
+	return a.PlanNamed(obj, entry, entry, resolve, opt)
+}
+
+// PlanNamed is Plan for an area entry called name, which need not be the
+// entry symbol (an object holding several replacement functions).
+func (a *Area) PlanNamed(obj *linker.Object, name, entry string, resolve linker.Resolver, opt linker.Options) (*Placement, error) {
+	if _, dup := a.Entry(name); dup {
+		return nil, fmt.Errorf("codearea: %q is already placed in the area", name)
 	}
 	textSize, dataSize := obj.Size()
 	textAlign, dataAlign := obj.Align()
@@ -65,14 +72,16 @@ func (a *Area) Plan(obj *linker.Object, entry string, resolve linker.Resolver, o
 		return nil, fmt.Errorf("codearea: %s has no code", entry)
 	}
 	e := Entry{
-		Name:     entry,
+		Name:     name,
 		TextPage: ti, TextPages: pages(uint64(len(img.Text))),
 		DataPage: di, DataPages: pages(uint64(len(img.Data))),
 		TextSize: uint64(len(img.Text)), DataSize: uint64(len(img.Data)),
 		Entry:   img.Entry,
 		TextCRC: crc32.ChecksumIEEE(img.Text),
 	}
-	return &Placement{Name: entry, Image: img, TextVA: lay.TextBase, DataVA: lay.DataBase, area: a, entry: e}, nil
+	p := &Placement{Name: name, Image: img, TextVA: lay.TextBase, DataVA: lay.DataBase, area: a, entry: e}
+	a.planned = append(a.planned, p)
+	return p, nil
 }
 
 func pages(n uint64) int { return int((n + pageSize - 1) / pageSize) }
@@ -133,14 +142,17 @@ func (a *Area) installWrites(p *Placement) ([]PageWrite, []Entry, error) {
 		gpa := a.DataPages[e.DataPage+i]
 		ws = append(ws, PageWrite{fmt.Sprintf("data page %d", e.DataPage+i), a.directVA(gpa), gpa, zero, page})
 	}
-	entries := append(a.Entries(), e)
+	// Placements planned before p are installed before it: its writes
+	// start from the area as they leave it.
+	before := append(a.Entries(), a.plannedEntries(p)...)
+	entries := append(slices.Clip(before), e)
 	hdr, err := a.headerPage(entries)
 	if err != nil {
 		return nil, nil, err
 	}
 	oldHdr := zero
-	if a.mapped {
-		if oldHdr, err = a.headerPage(a.entries); err != nil {
+	if a.mapped || len(before) > len(a.entries) {
+		if oldHdr, err = a.headerPage(before); err != nil {
 			return nil, nil, err
 		}
 	} else {
@@ -180,6 +192,9 @@ func (a *Area) InstallStopped(sg hypervisor.StoppedGuest, p *Placement) error {
 	if p.area != a {
 		return errors.New("codearea: placement belongs to another area")
 	}
+	if pending := a.plannedEntries(p); len(pending) > 0 {
+		return fmt.Errorf("codearea: %s was planned after %s, which is not installed: install placements in the order planned", p.Name, pending[0].Name)
+	}
 	ws, entries, err := a.installWrites(p)
 	if err != nil {
 		return err
@@ -193,6 +208,7 @@ func (a *Area) InstallStopped(sg hypervisor.StoppedGuest, p *Placement) error {
 		a.mapped, a.entries = wasMapped, entries[:len(entries)-1]
 		return errors.Join(fmt.Errorf("codearea: installing %s: %w", p.Name, err), undo(sg, ws, len(ws)))
 	}
+	a.planned = slices.DeleteFunc(a.planned, func(q *Placement) bool { return q == p })
 	return nil
 }
 
@@ -377,17 +393,17 @@ func (a *Area) ReleaseStopped(sg hypervisor.StoppedGuest, name string) error {
 		return fmt.Errorf("codearea: %q is not in the area", name)
 	}
 	textVA := a.TextVA(e.TextPage)
-	if e.Site != 0 {
+	if at := e.Site; at != 0 {
 		var site [5]byte
-		t, err := a.k.AS.Translate(e.Site)
+		t, err := a.k.AS.Translate(at)
 		if err != nil {
 			return fmt.Errorf("codearea: entry site of %s: %w", name, err)
 		}
-		if err := sg.Read(e.Site, t.GPA, site[:]); err != nil {
+		if err := sg.Read(at, t.GPA, site[:]); err != nil {
 			return fmt.Errorf("codearea: entry site of %s: %w", name, err)
 		}
-		if to, ok := JumpTarget(e.Site, site[:]); ok && to >= textVA && to < textVA+e.TextSize {
-			return fmt.Errorf("codearea: %s: the jump at %#x still leads to %#x in the area: remove it first", name, e.Site, to)
+		if to, ok := JumpTarget(at, site[:]); ok && to >= textVA && to < textVA+e.TextSize {
+			return fmt.Errorf("codearea: %s: the jump at %#x still leads to %#x in the area: remove it first", name, at, to)
 		}
 	}
 	dataVA := a.DataVA(e.DataPage)

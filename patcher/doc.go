@@ -48,11 +48,15 @@
 //
 // A replace edit (replace.go) links an ELF object against the guest's
 // kallsyms into the code area (package codearea) and writes "jmp rel32" to
-// the replacement over the same fentry NOP. Planning links it and refuses
+// the replacement over the same fentry NOP. The replace edits of a patch
+// that name one object share one code-area entry ("<patch id>:<object file
+// name>"), linked once; each jump leads to its own with symbol in it. An
+// objects map in the patch pins each object's SHA-256, checked before
+// linking. Planning links it and refuses
 // unresolved symbols, unsupported relocations, oversized sections and a
-// taken site. The apply installs and verifies the code, then writes the
-// jump, in one freeze; a failure undoes both. The revert removes the jump in
-// one freeze, then releases the code in later stops once no vCPU RIP or live
+// taken site. The apply installs and verifies all the code, then writes all
+// the jumps, in one freeze; a failure undoes both. The revert removes every
+// jump in one freeze, then releases the code in later stops once no vCPU RIP or live
 // kernel stack points into it (bounded by ReleaseWait; a patch whose code
 // stays busy is kept in state "releasing" and a later revert retries).
 // Reconcile reports a jump without its code-area entry and the reverse.

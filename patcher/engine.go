@@ -264,7 +264,7 @@ func (pt *Patcher) Revert(ctx context.Context, d Domain, id string) (*Result, er
 		waits, err := releaseReplaced(ctx, d, jp)
 		res.ReleaseTime, res.ReleaseWaits = time.Since(t0), waits
 		if err != nil {
-			return res, fmt.Errorf("domain %s: patch %s: the jump is removed (the guest runs its original code) but the replacement could not be released from the code area: %w; revert again to retry", d.Name, id, err)
+			return res, fmt.Errorf("domain %s: patch %s: the jumps are removed (the guest runs its original code) but the replacement could not be released from the code area: %w; revert again to retry", d.Name, id, err)
 		}
 		released = fmt.Sprintf("; replacement code released from the code area in %v (%d retries while in use)", res.ReleaseTime.Round(time.Millisecond), waits)
 	}
@@ -273,7 +273,7 @@ func (pt *Patcher) Revert(ctx context.Context, d Domain, id string) (*Result, er
 		return res, fmt.Errorf("domain %s: patch %s is reverted but the journal could not be saved: %w", d.Name, id, err)
 	}
 	if allOld {
-		res.Message = fmt.Sprintf("patch %s reverted on domain %s: the jump was already gone%s", id, d.Name, released)
+		res.Message = fmt.Sprintf("patch %s reverted on domain %s: the jumps were already gone%s", id, d.Name, released)
 	} else {
 		res.Message = fmt.Sprintf("patch %s reverted on domain %s, guest frozen %v (%s)%s", id, d.Name, res.Freeze.Window, res.Freeze.Method, released)
 	}

@@ -51,10 +51,16 @@ type JournalEdit struct {
 	Old    hexJSON `json:"old"`
 	New    hexJSON `json:"new"`
 	Chunks []Chunk `json:"chunks"`
-	// AreaEntry names the code-area entry a replace edit's jump leads to
-	// (the replacement symbol); Object is the file it was linked from.
-	AreaEntry string `json:"area_entry,omitempty"`
-	Object    string `json:"object,omitempty"`
+	// AreaEntry names the code-area entry a replace edit's jump leads
+	// into: "<patch id>:<object file name>", shared by the patch's replace
+	// edits of one object (journals of earlier versions hold the
+	// replacement symbol, the name entries had then). Object is the file
+	// it was linked from, ObjectSHA256 the hash of the bytes linked, With
+	// the replacement function the jump leads to.
+	AreaEntry    string `json:"area_entry,omitempty"`
+	Object       string `json:"object,omitempty"`
+	ObjectSHA256 string `json:"object_sha256,omitempty"`
+	With         string `json:"with,omitempty"`
 }
 
 type hexJSON []byte
@@ -74,8 +80,8 @@ func journalEdits(pl *Plan) []JournalEdit {
 	out := make([]JournalEdit, len(pl.Edits))
 	for i, e := range pl.Edits {
 		out[i] = JournalEdit{Kind: e.Kind, Symbol: e.Symbol, Offset: e.Offset, VA: e.VA, Old: e.Old, New: e.New, Chunks: e.Chunks}
-		if e.Replace != nil {
-			out[i].AreaEntry, out[i].Object = e.Replace.With, e.Replace.Object
+		if r := e.Replace; r != nil {
+			out[i].AreaEntry, out[i].Object, out[i].ObjectSHA256, out[i].With = r.Entry, r.Object, r.SHA256, r.With
 		}
 	}
 	return out

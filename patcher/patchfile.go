@@ -10,6 +10,7 @@ import (
 	"path"
 	"path/filepath"
 	"regexp"
+	"sort"
 	"strings"
 
 	"gopkg.in/yaml.v3"
@@ -23,7 +24,13 @@ type Patch struct {
 	// Domains optionally names the libvirt domains the patch is declared
 	// for (name globs or UUIDs); the daemon keeps it applied on them.
 	Domains StringList `yaml:"domains,omitempty"`
-	Edits   []Edit     `yaml:"edits"`
+	// Objects optionally pins the replace edits' objects: object path (as
+	// the edits write it) -> SHA-256 of its bytes, in hex. When present,
+	// every replace edit's object must be listed, and an object whose
+	// bytes hash to anything else is refused before it is linked, so a
+	// signature over the patch file covers the code too.
+	Objects map[string]string `yaml:"objects,omitempty"`
+	Edits   []Edit            `yaml:"edits"`
 
 	// Dir is the directory relative paths of the patch (replace objects)
 	// are taken from: the patch file's own directory for LoadPatch, the
@@ -65,6 +72,27 @@ type Edit struct {
 	// relocatable Object (a path relative to the patch file's directory).
 	Object string `yaml:"object,omitempty"`
 	With   string `yaml:"with,omitempty"`
+
+	// Sympos (return, bytes, replace) picks the N-th (1-based, in kallsyms
+	// address order) of several guest symbols of the same name (static
+	// functions of different files). Without it such a name is an error.
+	Sympos *int `yaml:"sympos,omitempty"`
+}
+
+// Name is the function (return, replace) or symbol (bytes) the edit is at.
+func (e *Edit) Name() string {
+	if e.Kind == KindBytes {
+		return e.Symbol
+	}
+	return e.Function
+}
+
+// Pos is the edit's sympos, 0 when none was given.
+func (e *Edit) Pos() int {
+	if e.Sympos == nil {
+		return 0
+	}
+	return *e.Sympos
 }
 
 // ObjectPath is the file a replace edit's object is read from.
@@ -158,6 +186,7 @@ var (
 	idPattern     = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
 	symbolPattern = regexp.MustCompile(`^[A-Za-z_.$][A-Za-z0-9_.$]{0,127}$`)
 	buildIDHex    = regexp.MustCompile(`^[0-9a-f]{8,128}$`)
+	sha256Hex     = regexp.MustCompile(`^[0-9a-f]{64}$`)
 )
 
 // LoadPatch reads and validates a patch file.
@@ -233,10 +262,50 @@ func (p *Patch) Validate() error {
 			return fmt.Errorf("patch %s: edit %d: %w", p.ID, i+1, err)
 		}
 	}
+	return p.validateObjects()
+}
+
+// validateObjects checks the objects map: SHA-256 hex values (lower-cased),
+// every replace edit's object listed, nothing listed that no edit uses.
+func (p *Patch) validateObjects() error {
+	if p.Objects == nil {
+		return nil
+	}
+	used := map[string]bool{}
+	for i, e := range p.Edits {
+		if e.Kind != KindReplace {
+			continue
+		}
+		if _, ok := p.Objects[e.Object]; !ok {
+			return fmt.Errorf("patch %s: edit %d: object %s is not listed in objects (when objects is given, it must pin every replace edit's object)", p.ID, i+1, e.Object)
+		}
+		used[e.Object] = true
+	}
+	names := make([]string, 0, len(p.Objects))
+	for name := range p.Objects {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		norm := strings.ToLower(p.Objects[name])
+		if name == "" || strings.ContainsRune(name, 0) {
+			return fmt.Errorf("patch %s: objects: empty or invalid object path %q", p.ID, name)
+		}
+		if !sha256Hex.MatchString(norm) {
+			return fmt.Errorf("patch %s: objects: %s: %q is not a SHA-256 in hex (64 hex digits, as sha256sum prints it)", p.ID, name, p.Objects[name])
+		}
+		if !used[name] {
+			return fmt.Errorf("patch %s: objects: %s is listed but no replace edit uses it", p.ID, name)
+		}
+		p.Objects[name] = norm
+	}
 	return nil
 }
 
 func (e *Edit) validate() error {
+	if e.Sympos != nil && *e.Sympos < 1 {
+		return fmt.Errorf("sympos %d: want 1 or more (the N-th symbol of that name in kallsyms order)", *e.Sympos)
+	}
 	if e.Kind != KindReplace && (e.Object != "" || e.With != "") {
 		return fmt.Errorf("kind %s does not take object/with (those are for kind replace)", e.Kind)
 	}
@@ -302,18 +371,25 @@ func (e *Edit) validate() error {
 	return nil
 }
 
+func (e *Edit) posText() string {
+	if e.Sympos == nil {
+		return ""
+	}
+	return fmt.Sprintf(" (sympos %d)", *e.Sympos)
+}
+
 // String describes an edit in a line.
 func (e *Edit) String() string {
 	switch e.Kind {
 	case KindReturn:
 		if e.Void {
-			return fmt.Sprintf("return from %s at once", e.Function)
+			return fmt.Sprintf("return from %s%s at once", e.Function, e.posText())
 		}
-		return fmt.Sprintf("%s returns %d at once", e.Function, *e.Value)
+		return fmt.Sprintf("%s%s returns %d at once", e.Function, e.posText(), *e.Value)
 	case KindBytes:
-		return fmt.Sprintf("%s+%#x: %s -> %s", e.Symbol, *e.Offset, FormatHex(e.Expect), FormatHex(e.Replace))
+		return fmt.Sprintf("%s%s+%#x: %s -> %s", e.Symbol, e.posText(), *e.Offset, FormatHex(e.Expect), FormatHex(e.Replace))
 	case KindReplace:
-		return fmt.Sprintf("replace %s with %s from %s", e.Function, e.With, e.Object)
+		return fmt.Sprintf("replace %s%s with %s from %s", e.Function, e.posText(), e.With, e.Object)
 	}
 	return e.Kind
 }

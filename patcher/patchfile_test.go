@@ -187,3 +187,48 @@ func TestParseReplaceAndDomains(t *testing.T) {
 		t.Errorf("String() = %q", s)
 	}
 }
+
+func TestParseSymposAndObjects(t *testing.T) {
+	sum := strings.Repeat("0f", 32)
+	p, err := ParsePatch([]byte(`
+id: cve-2026-1234
+match: {build_id: "abcdef0123456789"}
+objects: {fix.o: "` + strings.ToUpper(sum) + `"}
+edits:
+  - {kind: replace, function: pipe_write, object: fix.o, with: pipe_write}
+  - {kind: replace, function: show_stat, sympos: 2, object: fix.o, with: show_stat}
+  - {kind: return, function: f, sympos: 1, value: 0}
+  - {kind: bytes, symbol: h, sympos: 3, offset: 0x1a, expect: "74 0c", replace: "eb 0c"}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Objects["fix.o"] != sum {
+		t.Errorf("objects %v: the hash should be lower-cased", p.Objects)
+	}
+	if p.Edits[0].Pos() != 0 || p.Edits[1].Pos() != 2 || p.Edits[2].Pos() != 1 || p.Edits[3].Pos() != 3 {
+		t.Errorf("sympos %d %d %d %d", p.Edits[0].Pos(), p.Edits[1].Pos(), p.Edits[2].Pos(), p.Edits[3].Pos())
+	}
+	if s := p.Edits[1].String(); !strings.Contains(s, "show_stat (sympos 2)") {
+		t.Errorf("edit text %q", s)
+	}
+	base := "id: x\nmatch: {release: \"*\"}\n"
+	rep := "  - {kind: replace, function: f, object: fix.o, with: g}\n"
+	bad := map[string]struct{ doc, want string }{
+		"sympos 0":        {base + "edits:\n  - {kind: return, function: f, sympos: 0, value: 0}\n", "sympos 0"},
+		"sympos negative": {base + "edits:\n  - {kind: return, function: f, sympos: -1, value: 0}\n", "sympos -1"},
+		"sympos text":     {base + "edits:\n  - {kind: return, function: f, sympos: two, value: 0}\n", "cannot unmarshal"},
+		"short hash":      {base + "objects: {fix.o: \"abcd\"}\nedits:\n" + rep, "not a SHA-256"},
+		"not hex":         {base + "objects: {fix.o: \"" + strings.Repeat("zz", 32) + "\"}\nedits:\n" + rep, "not a SHA-256"},
+		"unlisted object": {base + "objects: {other.o: \"" + sum + "\"}\nedits:\n" + rep, "fix.o is not listed in objects"},
+		"unused object":   {base + "objects: {fix.o: \"" + sum + "\", other.o: \"" + sum + "\"}\nedits:\n" + rep, "other.o is listed but no replace edit uses it"},
+		"objects no map":  {base + "objects: [fix.o]\nedits:\n" + rep, "cannot unmarshal !!seq"},
+		"unknown key":     {base + "edits:\n  - {kind: replace, function: f, object: fix.o, with: g, sha256: x}\n", "sha256"},
+	}
+	for name, c := range bad {
+		_, err := ParsePatch([]byte(c.doc))
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want an error naming %q", name, err, c.want)
+		}
+	}
+}

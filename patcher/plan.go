@@ -95,7 +95,8 @@ func MakePlan(t Target, p *Patch, opt PlanOptions) (*Plan, error) {
 	if pl.BootID, err = BootIdentity(t); err != nil {
 		return nil, err
 	}
-	replaces := 0
+	planned := make([]PlannedEdit, len(p.Edits))
+	var replaces []int
 	for i := range p.Edits {
 		var pe PlannedEdit
 		switch e := &p.Edits[i]; e.Kind {
@@ -104,15 +105,20 @@ func MakePlan(t Target, p *Patch, opt PlanOptions) (*Plan, error) {
 		case KindBytes:
 			pe, err = planBytes(t, e, opt)
 		case KindReplace:
-			if replaces++; replaces > 1 {
-				err = fmt.Errorf("a patch may hold one replace edit (each would be placed in the code area independently)")
-			} else {
-				pe, err = planReplace(t, p, e)
-			}
+			replaces = append(replaces, i) // planned together, below
+			continue
 		}
 		if err != nil {
 			return nil, fmt.Errorf("patch %s: edit %d (%s): %w", p.ID, i+1, p.Edits[i].String(), err)
 		}
+		planned[i] = pe
+	}
+	if len(replaces) > 0 {
+		if err := planReplaces(t, p, replaces, planned); err != nil {
+			return nil, fmt.Errorf("patch %s: %w", p.ID, err)
+		}
+	}
+	for i, pe := range planned {
 		pe.Index = i
 		if pe.Chunks, err = chunks(t, pe.VA, pe.Old, pe.New); err != nil {
 			return nil, fmt.Errorf("patch %s: edit %d: %w", p.ID, i+1, err)
@@ -161,7 +167,7 @@ func matchKernel(p *Patch, release, buildID string) error {
 
 // planReturn places a return sequence at the function's fentry site.
 func planReturn(t Target, e *Edit) (PlannedEdit, error) {
-	sym, err := uniqueSymbol(t, e.Function)
+	sym, err := editSymbol(t, e.Function, e.Pos())
 	if err != nil {
 		return PlannedEdit{}, err
 	}
@@ -205,7 +211,7 @@ const decodeSlack = 15
 
 // planBytes checks a bytes edit against memory and instruction boundaries.
 func planBytes(t Target, e *Edit, opt PlanOptions) (PlannedEdit, error) {
-	sym, err := uniqueSymbol(t, e.Symbol)
+	sym, err := editSymbol(t, e.Symbol, e.Pos())
 	if err != nil {
 		return PlannedEdit{}, err
 	}

@@ -254,3 +254,37 @@ func TestChunksSplitAtPages(t *testing.T) {
 		t.Fatalf("chunks %+v", cs)
 	}
 }
+
+// sympos picks among static functions of the same name in address order;
+// without it an ambiguous name is refused with the candidates listed.
+func TestSympos(t *testing.T) {
+	ft := &fakeTarget{release: "r", syms: map[string][]Symbol{
+		// Out of address order, with an alias at one address.
+		"show_stat": {{Name: "show_stat", Addr: 0x3000}, {Name: "show_stat", Addr: 0x1000, Size: 0x40}, {Name: "show_stat", Addr: 0x1000}},
+		"one":       {{Name: "one", Addr: 0x5000}, {Name: "one", Addr: 0x5000}},
+	}}
+	if s, err := editSymbol(ft, "one", 0); err != nil || s.Addr != 0x5000 {
+		t.Errorf("aliases at one address are one symbol: %+v %v", s, err)
+	}
+	if s, err := uniqueSymbol(ft, "one"); err != nil || s.Addr != 0x5000 {
+		t.Errorf("uniqueSymbol with aliases: %+v %v", s, err)
+	}
+	_, err := editSymbol(ft, "show_stat", 0)
+	for _, want := range []string{"ambiguous", "sympos 1 at 0x1000", "sympos 2 at 0x3000", "add sympos"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("ambiguous without sympos: %v, want %q", err, want)
+		}
+	}
+	if s, err := editSymbol(ft, "show_stat", 1); err != nil || s.Addr != 0x1000 || s.Size != 0x40 {
+		t.Errorf("sympos 1: %+v %v", s, err)
+	}
+	if s, err := editSymbol(ft, "show_stat", 2); err != nil || s.Addr != 0x3000 {
+		t.Errorf("sympos 2: %+v %v", s, err)
+	}
+	if _, err := editSymbol(ft, "show_stat", 3); err == nil || !strings.Contains(err.Error(), "sympos 3") || !strings.Contains(err.Error(), "2 symbol(s)") {
+		t.Errorf("sympos 3: %v", err)
+	}
+	if _, err := editSymbol(ft, "none", 1); err == nil || !strings.Contains(err.Error(), "unknown symbol") {
+		t.Errorf("unknown: %v", err)
+	}
+}

@@ -48,6 +48,7 @@ func buildReplaceObjects(t *testing.T, k testguest.Kernel) string {
 	for name, b := range badReplaceSources {
 		srcs[name] = b.src
 	}
+	srcs["multi"] = multiReplaceSource
 	return testkernel.BuildReplacements(t, k, srcs)
 }
 
@@ -93,6 +94,7 @@ func TestGuestReplace(t *testing.T) {
 			}
 			t.Run("Refusals", func(t *testing.T) { lg.testReplaceRefusals(t, objs) })
 			t.Run("ApplyRevert", func(t *testing.T) { lg.testReplaceApplyRevert(t, objs) })
+			t.Run("TwoEditsOneObject", func(t *testing.T) { lg.testReplaceTwoEdits(t, objs) })
 			if t.Failed() {
 				return
 			}
@@ -197,7 +199,7 @@ func (lg *liveGuest) testReplaceApplyRevert(t *testing.T, objs string) {
 	t.Logf("apply in %v (guest frozen %v, %s): /proc/version now %q", took.Round(time.Millisecond), res.Freeze.Window, res.Freeze.Method, got)
 
 	j, err := lg.pt.State.Load(lg.live.Name, lg.live.UUID)
-	if err != nil || len(j.Patches) != 1 || j.Patches[0].Edits[0].AreaEntry != "hvpatch_version_proc_show" {
+	if err != nil || len(j.Patches) != 1 || j.Patches[0].Edits[0].AreaEntry != "version-replace:version_proc_show.o" {
 		t.Fatalf("journal: %+v %v", j, err)
 	}
 	st, err := lg.pt.Reconcile(lg.live.Domain)
@@ -251,7 +253,7 @@ func (lg *liveGuest) testReplaceApplyRevert(t *testing.T, objs string) {
 		t.Fatal(err, werr)
 	}
 	st, err = lg.pt.Reconcile(lg.live.Domain)
-	if err != nil || len(st.Patches) != 1 || !strings.Contains(st.Patches[0].Difference, "still holds hvpatch_version_proc_show") {
+	if err != nil || len(st.Patches) != 1 || !strings.Contains(st.Patches[0].Difference, "still holds version-replace:version_proc_show.o") {
 		t.Fatalf("status with the jump gone and the code still placed: %+v %v", st, err)
 	}
 	t.Logf("reconcile: %s", st.Patches[0].Difference)

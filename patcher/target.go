@@ -5,6 +5,8 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"fmt"
+	"sort"
+	"strings"
 )
 
 // Symbol is a guest kernel symbol as the planner needs it.
@@ -112,25 +114,64 @@ func BootIdentity(t Target) (string, error) {
 	return hex.EncodeToString(h.Sum(nil)[:16]), nil
 }
 
-func uniqueSymbol(t Target, name string) (Symbol, error) {
+// distinctSymbols lists the symbols called name in kallsyms (address)
+// order, aliases at one address counted once.
+func distinctSymbols(t Target, name string) []Symbol {
+	all := append([]Symbol(nil), t.Symbols(name)...)
+	sort.SliceStable(all, func(i, j int) bool { return all[i].Addr < all[j].Addr })
 	var syms []Symbol
-	for _, s := range t.Symbols(name) {
-		if len(syms) == 0 || s.Addr != syms[0].Addr { // aliases at one address are one symbol
-			syms = append(syms, s)
+	for _, s := range all {
+		if n := len(syms); n > 0 && syms[n-1].Addr == s.Addr {
+			if syms[n-1].Size == 0 {
+				syms[n-1].Size = s.Size
+			}
+			continue
 		}
+		syms = append(syms, s)
 	}
+	return syms
+}
+
+// uniqueSymbol is the one symbol called name; several at different
+// addresses are an error.
+func uniqueSymbol(t Target, name string) (Symbol, error) {
+	syms := distinctSymbols(t, name)
 	switch len(syms) {
 	case 0:
 		return Symbol{}, fmt.Errorf("unknown symbol %s in guest kernel %s", name, t.Release())
 	case 1:
 		return syms[0], nil
 	}
-	addrs := ""
-	for i, s := range syms {
-		if i > 0 {
-			addrs += ", "
-		}
-		addrs += fmt.Sprintf("%#x", s.Addr)
+	return Symbol{}, fmt.Errorf("symbol %s is ambiguous in guest kernel %s: %d definitions: %s", name, t.Release(), len(syms), candidates(syms))
+}
+
+// editSymbol resolves the symbol an edit names: the only one of that name,
+// or with sympos N >= 1 the N-th in kallsyms order. An ambiguous name
+// without sympos is an error listing the candidates.
+func editSymbol(t Target, name string, sympos int) (Symbol, error) {
+	syms := distinctSymbols(t, name)
+	switch {
+	case len(syms) == 0:
+		return Symbol{}, fmt.Errorf("unknown symbol %s in guest kernel %s", name, t.Release())
+	case sympos > len(syms):
+		return Symbol{}, fmt.Errorf("sympos %d: guest kernel %s has %d symbol(s) %s: %s", sympos, t.Release(), len(syms), name, candidates(syms))
+	case sympos > 0:
+		return syms[sympos-1], nil
+	case len(syms) == 1:
+		return syms[0], nil
 	}
-	return Symbol{}, fmt.Errorf("symbol %s is ambiguous in guest kernel %s: %d definitions at %s", name, t.Release(), len(syms), addrs)
+	return Symbol{}, fmt.Errorf("symbol %s is ambiguous in guest kernel %s: %d definitions: %s; add sympos: N to the edit to pick the N-th",
+		name, t.Release(), len(syms), candidates(syms))
+}
+
+// candidates lists symbols as "sympos 1 at 0x... (size 0x..)".
+func candidates(syms []Symbol) string {
+	parts := make([]string, len(syms))
+	for i, s := range syms {
+		parts[i] = fmt.Sprintf("sympos %d at %#x", i+1, s.Addr)
+		if s.Size > 0 {
+			parts[i] += fmt.Sprintf(" (size %#x)", s.Size)
+		}
+	}
+	return strings.Join(parts, ", ")
 }

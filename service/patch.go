@@ -29,11 +29,21 @@ type Plan struct {
 
 // Replacement is the new code of one replace edit.
 type Replacement struct {
-	Edit     int             `json:"edit"` // 1-based, as in Edits
-	Function string          `json:"function"`
-	Object   string          `json:"object"`
-	With     string          `json:"with"`
-	LinkMap  *linker.LinkMap `json:"link_map,omitempty"`
+	Edit     int    `json:"edit"` // 1-based, as in Edits
+	Function string `json:"function"`
+	Object   string `json:"object"`
+	With     string `json:"with"`
+	// WithAddr is where the jump leads (With in the linked object).
+	WithAddr string `json:"with_addr,omitempty"`
+	// AreaEntry is the code-area entry holding the object, shared by the
+	// patch's replace edits of the same object; ObjectSHA256 the hash of
+	// the bytes linked.
+	AreaEntry    string `json:"area_entry,omitempty"`
+	ObjectSHA256 string `json:"object_sha256,omitempty"`
+	// SharesWith, when not 0, is the earlier edit (1-based) whose entry
+	// this edit shares: the link map and writes are shown there once.
+	SharesWith int             `json:"shares_with,omitempty"`
+	LinkMap    *linker.LinkMap `json:"link_map,omitempty"`
 	// Writes lists what installing it writes into the code area.
 	Writes []string `json:"writes,omitempty"`
 }
@@ -117,6 +127,7 @@ func Reconciled(ps []patcher.PatchStatus) []string {
 // PlanOf converts a plan.
 func PlanOf(pl *patcher.Plan) *Plan {
 	out := &Plan{Patch: pl.Patch.ID, Release: pl.Release, BuildID: pl.BuildID}
+	linked := map[any]int{} // link map (or entry) -> the edit showing it
 	for _, e := range pl.Edits {
 		gpa := ""
 		if len(e.Chunks) > 0 {
@@ -128,9 +139,23 @@ func PlanOf(pl *patcher.Plan) *Plan {
 			Before: instLines(e.Before), After: instLines(e.After),
 		})
 		if r := e.Replace; r != nil {
-			rep := Replacement{Edit: len(out.Edits), Function: e.Symbol, Object: r.Object, With: r.With, LinkMap: r.LinkMap}
-			for _, w := range r.Writes {
-				rep.Writes = append(rep.Writes, fmt.Sprintf("%s: guest-physical %#x, %d bytes", w.What, w.GPA, len(w.New)))
+			rep := Replacement{Edit: len(out.Edits), Function: e.Symbol, Object: r.Object, With: r.With,
+				AreaEntry: r.AreaEntryName(), ObjectSHA256: r.SHA256}
+			if r.WithAddr != 0 {
+				rep.WithAddr = fmt.Sprintf("%#x", r.WithAddr)
+			}
+			var key any = r.LinkMap // one link map per placement
+			if r.LinkMap == nil && rep.AreaEntry != "" {
+				key = "entry " + rep.AreaEntry // already placed
+			}
+			if first, shared := linked[key]; shared && key != any((*linker.LinkMap)(nil)) {
+				rep.SharesWith = first
+			} else {
+				linked[key] = rep.Edit
+				rep.LinkMap = r.LinkMap
+				for _, w := range r.Writes {
+					rep.Writes = append(rep.Writes, fmt.Sprintf("%s: guest-physical %#x, %d bytes", w.What, w.GPA, len(w.New)))
+				}
 			}
 			out.Replacements = append(out.Replacements, rep)
 		}
@@ -171,7 +196,22 @@ func writePlan(w io.Writer, p *Plan) {
 		}
 	}
 	for _, r := range p.Replacements {
-		fmt.Fprintf(w, "edit %d replaces %s with %s from %s\n", r.Edit, r.Function, r.With, r.Object)
+		fmt.Fprintf(w, "edit %d replaces %s with %s from %s", r.Edit, r.Function, r.With, r.Object)
+		if r.WithAddr != "" {
+			fmt.Fprintf(w, " (jump to %s)", r.WithAddr)
+		}
+		fmt.Fprintln(w)
+		if r.AreaEntry != "" {
+			fmt.Fprintf(w, "  code-area entry %s", r.AreaEntry)
+			if r.ObjectSHA256 != "" {
+				fmt.Fprintf(w, ", object sha256 %s", r.ObjectSHA256)
+			}
+			fmt.Fprintln(w)
+		}
+		if r.SharesWith != 0 {
+			fmt.Fprintf(w, "  shares the entry of edit %d: linked and placed once\n", r.SharesWith)
+			continue
+		}
 		if r.LinkMap == nil {
 			fmt.Fprintln(w, "  already in the code area")
 			continue
@@ -253,6 +293,8 @@ type EditBytes struct {
 	GPA    string `json:"gpa,omitempty"`
 	Old    string `json:"old"`
 	New    string `json:"new"`
+	// AreaEntry is the code-area entry a replace edit's jump leads into.
+	AreaEntry string `json:"area_entry,omitempty"`
 }
 
 // Declared is one patch file the daemon keeps applied on a domain.
@@ -275,7 +317,7 @@ func StatusOf(st *patcher.Status) Status {
 			FreezeUS: float64(ps.Entry.Freeze.Nanoseconds()) / 1e3, Edits: len(ps.Entry.Edits), Difference: ps.Difference,
 		}
 		for _, e := range ps.Entry.Edits {
-			eb := EditBytes{Symbol: e.Symbol, VA: HexAddr(e.VA), Old: patcher.FormatHex(e.Old), New: patcher.FormatHex(e.New)}
+			eb := EditBytes{Symbol: e.Symbol, VA: HexAddr(e.VA), Old: patcher.FormatHex(e.Old), New: patcher.FormatHex(e.New), AreaEntry: e.AreaEntry}
 			if len(e.Chunks) == 1 {
 				eb.GPA = HexAddr(e.Chunks[0].GPA)
 			}
@@ -305,6 +347,22 @@ func (s Status) WriteText(w io.Writer) error {
 		for _, p := range s.Patches {
 			if p.Difference != "" {
 				fmt.Fprintf(w, "%s: %s\n", p.ID, strings.TrimSpace(p.Difference))
+			}
+		}
+		for _, p := range s.Patches {
+			var order []string
+			users := map[string][]string{}
+			for _, c := range p.Changes {
+				if c.AreaEntry == "" {
+					continue
+				}
+				if users[c.AreaEntry] == nil {
+					order = append(order, c.AreaEntry)
+				}
+				users[c.AreaEntry] = append(users[c.AreaEntry], c.Symbol)
+			}
+			for _, name := range order {
+				fmt.Fprintf(w, "%s: code-area entry %s, entered from %s\n", p.ID, name, strings.Join(users[name], ", "))
 			}
 		}
 	}

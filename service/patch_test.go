@@ -33,3 +33,31 @@ func TestWritePlanReplace(t *testing.T) {
 		}
 	}
 }
+
+// Two replace edits sharing one code-area entry: the entry and each jump
+// target are shown per edit, the link map once.
+func TestWritePlanSharedEntry(t *testing.T) {
+	lm := &linker.LinkMap{Entry: "a", TextBase: 0xffffffffc0001000}
+	rp := func(with string, addr uint64) *patcher.ReplacePlan {
+		return &patcher.ReplacePlan{Object: "fix.o", With: with, WithAddr: addr, Entry: "cve:fix.o", SHA256: "ab12", LinkMap: lm}
+	}
+	pl := &patcher.Plan{Patch: &patcher.Patch{ID: "cve"}, Edits: []patcher.PlannedEdit{
+		{Kind: patcher.KindReplace, Symbol: "f", Replace: rp("a", 0xffffffffc0001000)},
+		{Kind: patcher.KindReplace, Symbol: "g", Replace: rp("b", 0xffffffffc0001040)},
+	}}
+	p := PlanOf(pl)
+	if len(p.Replacements) != 2 || p.Replacements[0].LinkMap != lm || p.Replacements[1].LinkMap != nil || p.Replacements[1].SharesWith != 1 {
+		t.Fatalf("replacements %+v", p.Replacements)
+	}
+	var b bytes.Buffer
+	PatchResult{DryRun: true, Plan: p}.WriteText(&b)
+	out := b.String()
+	for _, want := range []string{"code-area entry cve:fix.o, object sha256 ab12", "(jump to 0xffffffffc0001040)", "shares the entry of edit 1"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("dry-run text lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Count(out, "link map:") != 1 {
+		t.Errorf("the link map should appear once:\n%s", out)
+	}
+}
