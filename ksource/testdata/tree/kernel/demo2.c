@@ -1,0 +1,4 @@
+int demo2(void)
+{
+	return 42;
+}
