@@ -6,7 +6,9 @@
 set -euo pipefail
 log() { printf 'host-setup: %s\n' "$*" >&2; }
 
-packages=(qemu-system-x86 libvirt-daemon-system libvirt-clients busybox-static cpio lz4 zstd xz-utils gcc)
+# flex, bison, libelf-dev, dwarves (pahole), bc and patch: hvpatch build prepares
+# Debian kernel trees (make prepare) and applies source fixes.
+packages=(qemu-system-x86 libvirt-daemon-system libvirt-clients busybox-static cpio lz4 zstd xz-utils gcc make flex bison libelf-dev dwarves bc patch)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")

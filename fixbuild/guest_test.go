@@ -1,0 +1,189 @@
+package fixbuild
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/hvpatch/hvpatch/internal/testguest"
+	"github.com/hvpatch/hvpatch/internal/testkernel"
+	"github.com/hvpatch/hvpatch/patcher"
+)
+
+// liveFix is a booted guest with hvpatch attached, ready to build for.
+type liveFix struct {
+	g    *testguest.Guest
+	live *patcher.Live
+	pt   *patcher.Patcher
+	gk   Guest
+}
+
+func startFix(t *testing.T, k testguest.Kernel) *liveFix {
+	t.Helper()
+	g := testguest.Start(t, testguest.Options{Kernel: k, VCPUs: 2, MemoryMiB: 512})
+	ctx := context.Background()
+	live, err := patcher.OpenLive(ctx, testkernel.Domain(t, g), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { live.Close() })
+	k2 := live.Kernel
+	gk := Guest{Banner: k2.Banner, Release: k2.Release, Symbols: k2.Symbols, Read: k2.AS.ReadVirt}
+	if gk.BuildID, err = patcher.BuildID(patcher.KernelTarget{K: k2}); err != nil {
+		t.Fatal(err)
+	}
+	return &liveFix{g: g, live: live, pt: &patcher.Patcher{State: patcher.StateDir{Dir: t.TempDir()}}, gk: gk}
+}
+
+func (lf *liveFix) build(t *testing.T, diffFile string) (*Result, error) {
+	t.Helper()
+	diff, err := os.ReadFile(diffFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return Build(context.Background(), lf.gk, diff, Options{OutDir: t.TempDir(), DiffName: diffFile,
+		Progress: func(m string) { t.Log(m) }})
+}
+
+func logSteps(t *testing.T, res *Result) {
+	for _, s := range res.Steps {
+		t.Logf("step %-45s %10v cached=%v %s", s.Name, s.Duration, s.Cached, s.Detail)
+	}
+	for _, n := range res.Notes {
+		t.Logf("note: %s", n)
+	}
+}
+
+// TestGuestBuildVersion builds a small made-up fix of fs/proc/version.c for
+// the 6.1 test guest, applies the bundle and reverts it.
+func TestGuestBuildVersion(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots a guest and compiles kernel code")
+	}
+	k, err := testguest.KernelSeries("6.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lf := startFix(t, k)
+	res, err := lf.build(t, "testdata/version-marker.diff")
+	if err != nil {
+		t.Fatal(err)
+	}
+	logSteps(t, res)
+	if len(res.Functions) != 1 || res.Functions[0].Name != "version_proc_show" || res.Functions[0].Kind != "changed" {
+		t.Fatalf("functions %+v, want version_proc_show changed", res.Functions)
+	}
+	p, err := patcher.LoadPatch(res.PatchFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	before := lf.g.MustRun("cat /proc/version")
+	if _, err := lf.pt.Apply(ctx, lf.live.Domain, p, patcher.ApplyOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	after := lf.g.MustRun("cat /proc/version")
+	if !strings.HasPrefix(after, strings.TrimSpace(before)) || !strings.Contains(after, "hvpatch build test") {
+		t.Fatalf("after apply /proc/version = %q, want the banner then the fix's line", after)
+	}
+	if _, err := lf.pt.Revert(ctx, lf.live.Domain, p.ID); err != nil {
+		t.Fatal(err)
+	}
+	if got := lf.g.MustRun("cat /proc/version"); got != before {
+		t.Fatalf("after revert /proc/version = %q, want %q", got, before)
+	}
+	if err := lf.g.ConsoleError(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// fixNames lists the upstream fixes in testdata/fixes: each has a
+// reproducer /bin/repro-NAME in the guest that prints VULNERABLE or FIXED.
+func fixNames(t *testing.T) []string {
+	t.Helper()
+	root, err := testguest.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	diffs, err := filepath.Glob(filepath.Join(root, "testdata", "fixes", "*.diff"))
+	if err != nil || len(diffs) < 4 {
+		t.Fatalf("want at least four fixes in testdata/fixes: %v %v", diffs, err)
+	}
+	var out []string
+	for _, d := range diffs {
+		out = append(out, strings.TrimSuffix(filepath.Base(d), ".diff"))
+	}
+	return out
+}
+
+func fixDiff(t *testing.T, name string) string {
+	root, err := testguest.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return filepath.Join(root, "testdata", "fixes", name+".diff")
+}
+
+// reproduce runs a fix's reproducer and returns VULNERABLE or FIXED.
+func (lf *liveFix) reproduce(t *testing.T, name string) string {
+	t.Helper()
+	out, err := lf.g.Run("/bin/repro-" + name)
+	if err != nil {
+		t.Fatalf("repro-%s: %v: %s", name, err, out)
+	}
+	return strings.TrimSpace(out)
+}
+
+// TestGuestBuildFixes builds real upstream stable fixes for an older
+// Debian 6.1 build and shows each take effect and go away again in a
+// running guest, with its reproducer running in a loop on every vCPU.
+func TestGuestBuildFixes(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots a guest and compiles kernel code")
+	}
+	k, err := testguest.FixKernel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	lf := startFix(t, k)
+	ctx := context.Background()
+	for _, name := range fixNames(t) {
+		t.Run(name, func(t *testing.T) {
+			res, err := lf.build(t, fixDiff(t, name))
+			if err != nil {
+				t.Fatal(err)
+			}
+			logSteps(t, res)
+			t.Logf("functions: %+v", res.Functions)
+			p, err := patcher.LoadPatch(res.PatchFile)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := lf.reproduce(t, name); got != "VULNERABLE" {
+				t.Fatalf("before apply: %q, want VULNERABLE", got)
+			}
+			lf.g.MustRun(fmt.Sprintf("for c in $(seq 0 %d); do taskset -c $c sh -c 'while :; do /bin/repro-%s >/dev/null 2>&1; done' & done; true", lf.g.VCPUs-1, name))
+			defer lf.g.MustRun("kill $(jobs -p) 2>/dev/null; pkill -f 'while :' ; true")
+			r, err := lf.pt.Apply(ctx, lf.live.Domain, p, patcher.ApplyOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("applied: %+v", r)
+			if got := lf.reproduce(t, name); got != "FIXED" {
+				t.Fatalf("after apply: %q, want FIXED", got)
+			}
+			if _, err := lf.pt.Revert(ctx, lf.live.Domain, p.ID); err != nil {
+				t.Fatal(err)
+			}
+			if got := lf.reproduce(t, name); got != "VULNERABLE" {
+				t.Fatalf("after revert: %q, want VULNERABLE", got)
+			}
+			if err := lf.g.ConsoleError(); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
