@@ -2,6 +2,7 @@ package symbols
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -97,18 +98,56 @@ func DecodeKallsyms(img []byte, base uint64) (*Table, error) {
 	return t, err
 }
 
+// DecodeKallsymsContext is DecodeKallsyms that gives up when ctx is done.
+func DecodeKallsymsContext(ctx context.Context, img []byte, base uint64) (*Table, error) {
+	t, _, err := decodeKallsyms(ctx, img, base, MaxDecodeWork)
+	return t, err
+}
+
 // DecodeKallsymsInfo is DecodeKallsyms that also says where the tables are.
 func DecodeKallsymsInfo(img []byte, base uint64) (*Table, *KallsymsInfo, error) {
-	d := decoder{img: img, base: base}
+	return decodeKallsyms(nil, img, base, MaxDecodeWork)
+}
+
+// The search is bounded, for memory a guest controls: a guest can plant
+// any number of things shaped like a token table, each of which starts a
+// search back through up to 32 MiB for the other tables. Real kernels put
+// their token table first among the candidates (it holds the digit tokens
+// the search starts from) and decode in under a million steps (Debian 6.1:
+// 0.57 million, 6.12: 0.84 million; a full scan of a 64 MiB image for the
+// token table, when the digits are not found, adds 16 million). The budget
+// is a hundred times that, a fraction of a second; one back-scan of 32 MiB
+// is 8 million steps, so a dozen planted tables exhaust it.
+const (
+	// MaxDecodeWork bounds the steps (words looked at, entries walked)
+	// spent on all candidates together.
+	MaxDecodeWork = 100_000_000
+	// MaxTokenCandidates bounds the token tables tried.
+	MaxTokenCandidates = 64
+)
+
+func decodeKallsyms(ctx context.Context, img []byte, base uint64, limit int64) (*Table, *KallsymsInfo, error) {
+	d := decoder{img: img, base: base, ctx: ctx, limit: limit}
 	var firstErr error
+	tried := 0
 	for tok := range d.findTokenTables() {
+		if tried++; tried > MaxTokenCandidates {
+			return nil, nil, fmt.Errorf("kallsyms: gave up after %d token-table candidates in %d bytes at %#x (the limit on candidates; first failure: %v)",
+				MaxTokenCandidates, len(img), base, firstErr)
+		}
 		t, info, err := d.decodeAround(tok)
+		if d.err != nil {
+			return nil, nil, d.err
+		}
 		if err == nil {
 			return t, info, nil
 		}
 		if firstErr == nil {
 			firstErr = err
 		}
+	}
+	if d.err != nil {
+		return nil, nil, d.err
 	}
 	if firstErr == nil {
 		return nil, nil, fmt.Errorf("kallsyms: no token table/token index pair in %d bytes at %#x (not kernel memory, or kallsyms not built in)", len(img), base)
@@ -119,6 +158,33 @@ func DecodeKallsymsInfo(img []byte, base uint64) (*Table, *KallsymsInfo, error) 
 type decoder struct {
 	img  []byte
 	base uint64
+
+	ctx       context.Context // nil: no cancellation
+	limit     int64           // steps allowed, 0: no limit
+	work      int64           // steps taken
+	lastCheck int64
+	err       error // set when the budget is spent or ctx done: stop everything
+}
+
+// spend accounts for n steps of the search; false means stop (d.err says
+// why).
+func (d *decoder) spend(n int) bool {
+	if d.err != nil {
+		return false
+	}
+	d.work += int64(n)
+	if d.limit > 0 && d.work > d.limit {
+		d.err = fmt.Errorf("kallsyms: gave up after %d search steps (the limit on decoding work) over %d bytes at %#x: too many false candidates for the tables", d.limit, len(d.img), d.base)
+		return false
+	}
+	if d.ctx != nil && d.work-d.lastCheck >= 1<<20 {
+		d.lastCheck = d.work
+		if err := d.ctx.Err(); err != nil {
+			d.err = fmt.Errorf("kallsyms: decoding stopped after %d steps: %w", d.work, err)
+			return false
+		}
+	}
+	return true
 }
 
 func (d *decoder) u16(off int) uint16 { return binary.LittleEndian.Uint16(d.img[off:]) }
@@ -213,6 +279,9 @@ func (d *decoder) findTokenTables() func(yield func(*tokenTable) bool) {
 func (d *decoder) scanTokenIndex(from, to int) *tokenTable {
 	img := d.img
 	for p := d.alignUp(from, 4); p+512 <= to; p += 4 {
+		if p&0xffff == 0 && !d.spend(1<<14) {
+			return nil
+		}
 		// A u16 of 0, then the second offset 2..256: this rejects
 		// zero-filled memory at once.
 		w := binary.LittleEndian.Uint32(img[p:])
@@ -295,6 +364,9 @@ func (d *decoder) decodeAround(tok *tokenTable) (*Table, *KallsymsInfo, error) {
 	lowest := max(0, tok.table-maxBack)
 	var lastErr error
 	for m := d.alignDown(tok.table-4, 4); m >= lowest; m -= 4 {
+		if !d.spend(1) {
+			return nil, nil, d.err
+		}
 		if d.u32(m) != 0 {
 			continue
 		}
@@ -322,6 +394,9 @@ func (d *decoder) markerRun(m, limit int) int {
 	n := 1
 	prev := uint32(0)
 	for q := m + 4; q+4 <= limit; q += 4 {
+		if !d.spend(1) {
+			break
+		}
 		v := d.u32(q)
 		if v <= prev || v-prev < 2*256 || v-prev > 512*256 {
 			break
@@ -362,6 +437,9 @@ func (d *decoder) decodeWithMarkers(tok *tokenTable, m, run int) (*Table, *Kalls
 	// may have one entry too many), so the search starts below it.
 	highest := m - 2 - markers(max(0, run-2))
 	for s := d.alignDown(highest, 4); s >= lowest; s -= 4 {
+		if !d.spend(1) {
+			return nil, nil, d.err
+		}
 		// num_syms is one label before names: 8 bytes back with 8-byte
 		// labels (the u32 then padding), 4 bytes back with 4-byte labels.
 		for _, gap := range [2]int{8, 4} {
@@ -390,7 +468,7 @@ func (d *decoder) decodeWithMarkers(tok *tokenTable, m, run int) (*Table, *Kalls
 func (d *decoder) walkNames(s, n, m int) (int, bool) {
 	pos := s
 	for i := 0; i < n; i++ {
-		if i&0xff == 0 && pos-s != int(d.u32(m+4*(i>>8))) {
+		if i&0xff == 0 && (pos-s != int(d.u32(m+4*(i>>8))) || !d.spend(256)) {
 			return 0, false
 		}
 		if pos >= m {
@@ -426,6 +504,9 @@ func (d *decoder) walkNames(s, n, m int) (int, bool) {
 // gave away (8 on 64-bit kernels, 4 on 32-bit ones).
 func (d *decoder) finish(tok *tokenTable, numSymsOff, names, namesEnd, markers, n int) (*Table, *KallsymsInfo, error) {
 	k := (n + 255) / 256
+	if !d.spend(4 * n) { // expanding, and the address tables
+		return nil, nil, d.err
+	}
 	syms, err := d.expandNames(tok, names, n)
 	if err != nil {
 		return nil, nil, err

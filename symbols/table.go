@@ -32,6 +32,9 @@ type Table struct {
 	nameOnce sync.Once
 	first    map[string]int32 // name -> index of its first symbol
 	next     []int32          // index -> next index with the same name, or -1
+
+	textOnce sync.Once
+	textFrom []int32 // index -> first index at or after it of a text symbol, or -1
 }
 
 // NewTable builds a table from syms (copied; the caller keeps its slice).
@@ -134,14 +137,14 @@ func (t *Table) Resolve(addr uint64) (sym Symbol, off uint64, ok bool) {
 	if i == 0 {
 		return Symbol{}, 0, false
 	}
-	j := i - 1
-	if i == len(t.syms) && t.syms[j].Addr != addr {
+	at := t.syms[i-1].Addr
+	if i == len(t.syms) && at != addr {
 		return Symbol{}, 0, false
 	}
-	for j > 0 && t.syms[j-1].Addr == t.syms[j].Addr {
-		j--
-	}
-	return t.syms[j], addr - t.syms[j].Addr, true
+	// The first of the symbols at that address, by binary search: a guest
+	// may put any number of symbols at one address.
+	j := sort.Search(i, func(j int) bool { return t.syms[j].Addr >= at })
+	return t.syms[j], addr - at, true
 }
 
 // IsText reports whether a kallsyms type letter marks code.
@@ -159,12 +162,26 @@ func IsText(typ byte) bool {
 // counted.
 func (t *Table) FunctionSize(s Symbol) uint64 {
 	i := sort.Search(len(t.syms), func(i int) bool { return t.syms[i].Addr > s.Addr })
-	for ; i < len(t.syms); i++ {
-		if IsText(t.syms[i].Type) {
-			return t.syms[i].Addr - s.Addr
+	t.textOnce.Do(t.buildTextIndex)
+	if i < len(t.syms) {
+		if j := t.textFrom[i]; j >= 0 {
+			return t.syms[j].Addr - s.Addr
 		}
 	}
 	return 0
+}
+
+// buildTextIndex makes FunctionSize constant-time after the search: a
+// guest may put any number of data symbols between two functions.
+func (t *Table) buildTextIndex() {
+	t.textFrom = make([]int32, len(t.syms))
+	next := int32(-1)
+	for i := len(t.syms) - 1; i >= 0; i-- {
+		if IsText(t.syms[i].Type) {
+			next = int32(i)
+		}
+		t.textFrom[i] = next
+	}
 }
 
 // WithSlide returns a table with every address moved by slide (added modulo
