@@ -196,7 +196,7 @@ func (d *Daemon) Handler() http.Handler {
 		})
 		reply(w, v, err)
 	})
-	return mux
+	return d.recoverHTTP(mux)
 }
 
 // apiApply verifies, parses and applies a patch sent to the API.
@@ -229,8 +229,8 @@ func (d *Daemon) apiApply(ctx context.Context, domain string, req ApplyRequest) 
 	}
 	if len(sel) > 0 {
 		probe := &Declared{Domains: sel}
-		if !probe.Selects(dom.name, dom.uuid) {
-			return service.PatchResult{}, badRequest(fmt.Errorf("patch %s selects domains %v, not %s", p.ID, sel, dom.name))
+		if !probe.Selects(dom.Name(), dom.uuid) {
+			return service.PatchResult{}, badRequest(fmt.Errorf("patch %s selects domains %v, not %s", p.ID, sel, dom.Name()))
 		}
 	}
 	var v service.PatchResult

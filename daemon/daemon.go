@@ -34,8 +34,11 @@ type Daemon struct {
 	domains  map[string]*domain // by UUID
 	catalog  []*Declared
 	reported map[string]string // file -> last error reported, so it is logged once
-	workers  sync.WaitGroup
+	workers  sync.WaitGroup    // domain workers and forget calls; Run waits for them
 	stopping bool
+
+	// ensureHook, when set (tests), replaces opening a domain's kernel.
+	ensureHook func(dom *domain, ctx context.Context, forPatch bool) error
 }
 
 // New prepares a daemon: keys, libvirt connection, state directory.
@@ -152,16 +155,16 @@ func (d *Daemon) Run(ctx context.Context) error {
 	loops.Wait()
 	d.mu.Lock()
 	d.stopping = true
+	doms := make([]*domain, 0, len(d.domains))
 	for _, dom := range d.domains {
 		dom.stop()
+		doms = append(doms, dom)
 	}
 	d.mu.Unlock()
 	d.workers.Wait()
-	d.mu.Lock()
-	for _, dom := range d.domains {
+	for _, dom := range doms { // without d.mu: see the lock order on domain
 		dom.close()
 	}
-	d.mu.Unlock()
 	d.conn.Close()
 	d.log.Info("hvpatchd stopped")
 	return runErr
@@ -171,7 +174,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 // list and the patch directory.
 func (d *Daemon) watch(ctx context.Context) {
 	events := d.conn.Events(ctx)
-	d.refresh(ctx)
+	d.safeRefresh(ctx)
 	tick := time.NewTicker(d.cfg.Reconcile.Interval)
 	defer tick.Stop()
 	for {
@@ -180,7 +183,7 @@ func (d *Daemon) watch(ctx context.Context) {
 			return
 		case <-tick.C:
 			d.recoverStops(ctx)
-			d.refresh(ctx)
+			d.safeRefresh(ctx)
 		case ev, ok := <-events:
 			if !ok {
 				return
@@ -188,7 +191,7 @@ func (d *Daemon) watch(ctx context.Context) {
 			d.log.Debug("libvirt event", "domain", ev.Name, "event", ev.Kind, "detail", ev.Detail)
 			switch ev.Kind {
 			case "resync", "defined", "undefined", "stopped", "started":
-				d.refresh(ctx)
+				d.safeRefresh(ctx)
 			}
 			switch ev.Kind {
 			case "reboot", "started", "resumed", "crashed", "stopped", "shutdown":
@@ -197,6 +200,14 @@ func (d *Daemon) watch(ctx context.Context) {
 				}
 			}
 		}
+	}
+}
+
+// safeRefresh is refresh under isolate: a panic is logged, the loop goes on.
+func (d *Daemon) safeRefresh(ctx context.Context) {
+	if gp, ok := isolate(func() error { d.refresh(ctx); return nil }).(*guestPanic); ok {
+		d.log.Error("panic while refreshing the domain list and patch directory", "panic", fmt.Sprint(gp.value), "stack", string(gp.stack))
+		d.metrics.Failures.WithLabelValues("panic").Inc()
 	}
 }
 
@@ -246,25 +257,36 @@ func (d *Daemon) refresh(ctx context.Context) {
 	for _, info := range infos {
 		present[info.UUID] = true
 		if dom, ok := d.domains[info.UUID]; ok {
-			dom.name = info.Name
+			dom.setName(info.Name)
 			dom.kick(false)
 			continue
 		}
 		dom := newDomain(d, info.Name, info.UUID)
 		d.domains[info.UUID] = dom
-		d.workers.Add(1)
-		go func() { defer d.workers.Done(); dom.run() }()
+		d.startWorker(dom)
 		d.log.Debug("domain found", "domain", info.Name, "uuid", info.UUID, "state", info.State)
 	}
 	for uuid, dom := range d.domains {
 		if !present[uuid] {
-			d.log.Info("domain gone: forgetting it", "domain", dom.name, "uuid", uuid)
+			d.log.Info("domain gone: forgetting it", "domain", dom.Name(), "uuid", uuid)
 			dom.stop()
 			delete(d.domains, uuid)
-			go dom.forget()
+			d.workers.Add(1) // Run waits for it like for a worker
+			go func() {
+				defer d.workers.Done()
+				if gp, ok := isolate(func() error { dom.forget(); return nil }).(*guestPanic); ok {
+					d.log.Error("panic while forgetting a domain", "domain", dom.Name(), "uuid", uuid, "panic", fmt.Sprint(gp.value))
+				}
+			}()
 		}
 	}
-	d.updateGauge()
+	d.updateGaugeLocked()
+}
+
+// startWorker runs dom's reconcile loop; d.mu is held and d is not stopping.
+func (d *Daemon) startWorker(dom *domain) {
+	d.workers.Add(1)
+	go func() { defer d.workers.Done(); dom.run() }()
 }
 
 func (d *Daemon) domainByUUID(uuid string) *domain {
@@ -286,8 +308,15 @@ func (d *Daemon) declaredFor(name, uuid string) []*Declared {
 	return out
 }
 
-// updateGauge recounts domains by state; d.mu is held.
+// updateGauge recounts domains by state; d.mu is not held.
 func (d *Daemon) updateGauge() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.updateGaugeLocked()
+}
+
+// updateGaugeLocked is updateGauge with d.mu held.
+func (d *Daemon) updateGaugeLocked() {
 	counts := map[string]float64{"patched": 0, "pending": 0, "failing": 0, "unpatched": 0}
 	for _, dom := range d.domains {
 		counts[dom.summary()]++
@@ -302,7 +331,7 @@ func (d *Daemon) updateGauge() {
 func (d *Daemon) lookup(ctx context.Context, nameOrUUID string) (*domain, error) {
 	d.mu.Lock()
 	for _, dom := range d.domains {
-		if dom.uuid == nameOrUUID || dom.name == nameOrUUID {
+		if dom.uuid == nameOrUUID || dom.Name() == nameOrUUID {
 			d.mu.Unlock()
 			return dom, nil
 		}
@@ -322,8 +351,7 @@ func (d *Daemon) lookup(ctx context.Context, nameOrUUID string) (*domain, error)
 	}
 	dom := newDomain(d, hv.Name(), hv.UUID())
 	d.domains[hv.UUID()] = dom
-	d.workers.Add(1)
-	go func() { defer d.workers.Done(); dom.run() }()
+	d.startWorker(dom)
 	return dom, nil
 }
 

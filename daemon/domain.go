@@ -49,9 +49,14 @@ type patchState struct {
 
 // domain is one libvirt domain and its worker goroutine. mu serialises
 // every operation on it: reconcile passes and API requests.
+//
+// Lock order: d.mu and dom.mu are never held together. The daemon copies
+// what it needs out of d.mu before touching a domain, and a domain updates
+// the daemon's gauge after releasing dom.mu.
 type domain struct {
-	d          *Daemon
-	name, uuid string
+	d    *Daemon
+	uuid string
+	name atomic.Pointer[string] // libvirt may rename a domain: read with Name()
 
 	kickc    chan struct{}
 	force    atomic.Bool
@@ -69,13 +74,20 @@ type domain struct {
 	// kernelUp is when the current boot's kernel was first seen running.
 	kernelUp time.Time
 	patches  map[string]*patchState // by file
+	panics   int                    // consecutive panics caught, for the backoff
 }
 
 func newDomain(d *Daemon, name, uuid string) *domain {
-	dom := &domain{d: d, name: name, uuid: uuid, kickc: make(chan struct{}, 1), quit: make(chan struct{}), patches: map[string]*patchState{}}
+	dom := &domain{d: d, uuid: uuid, kickc: make(chan struct{}, 1), quit: make(chan struct{}), patches: map[string]*patchState{}}
+	dom.setName(name)
 	dom.sum.Store("unpatched")
 	return dom
 }
+
+// Name is the domain's libvirt name as last seen.
+func (dom *domain) Name() string { return *dom.name.Load() }
+
+func (dom *domain) setName(name string) { dom.name.Store(&name) }
 
 func (dom *domain) summary() string { return dom.sum.Load().(string) }
 
@@ -103,7 +115,7 @@ func (dom *domain) run() {
 		case <-dom.kickc:
 		case <-timer.C:
 		}
-		next := dom.pass(dom.force.Swap(false))
+		next := dom.safePass(dom.force.Swap(false))
 		timer.Stop()
 		select {
 		case <-timer.C:
@@ -132,7 +144,7 @@ func (dom *domain) dropLive() {
 func (dom *domain) forget() {
 	dom.close()
 	st := dom.d.pt.State
-	lock, err := st.Lock(dom.name, dom.uuid)
+	lock, err := st.Lock(dom.Name(), dom.uuid)
 	if err != nil {
 		return
 	}
@@ -169,7 +181,7 @@ func (dom *domain) ensureLive(ctx context.Context, forPatch bool) error {
 		return errNotRunning{st}
 	}
 	if dom.live != nil && !dom.fresh(ctx) {
-		dom.d.log.Info("guest rebooted: kernel changed", "domain", dom.name)
+		dom.d.log.Info("guest rebooted: kernel changed", "domain", dom.Name())
 		dom.dropLive()
 	}
 	if dom.live == nil {
@@ -197,7 +209,7 @@ func (dom *domain) ensureLive(ctx context.Context, forPatch bool) error {
 		dom.running = kernelRunning(dom.live.Kernel)
 		if dom.running {
 			dom.kernelUp = time.Now()
-			dom.d.log.Info("guest kernel up", "domain", dom.name, "release", dom.live.Kernel.Release, "boot_id", dom.bootID)
+			dom.d.log.Info("guest kernel up", "domain", dom.Name(), "release", dom.live.Kernel.Release, "boot_id", dom.bootID)
 		}
 	}
 	if forPatch && !dom.running {
@@ -251,33 +263,53 @@ func (dom *domain) fresh(ctx context.Context) bool {
 	return err == nil && id == dom.bootID
 }
 
-// withLive runs f with the domain's kernel, one operation at a time.
+// withLive runs f with the domain's kernel, one operation at a time. A
+// panic while opening the guest or in f fails this request and marks the
+// domain failed; it never reaches the caller.
 func (dom *domain) withLive(forPatch bool, f func(ctx context.Context, live *patcher.Live) error) error {
-	dom.mu.Lock()
-	defer dom.mu.Unlock()
-	ctx, cancel := dom.opContext()
-	defer cancel()
-	if err := dom.ensureLive(ctx, forPatch); err != nil {
-		var nr errNotRunning
-		if errors.As(err, &nr) {
-			return fmt.Errorf("domain %s is %s", dom.name, nr.state)
+	err := isolate(func() error {
+		dom.mu.Lock()
+		defer dom.mu.Unlock()
+		ctx, cancel := dom.opContext()
+		defer cancel()
+		if err := dom.ensure(ctx, forPatch); err != nil {
+			var nr errNotRunning
+			if errors.As(err, &nr) {
+				return fmt.Errorf("domain %s is %s", dom.Name(), nr.state)
+			}
+			return fmt.Errorf("domain %s: %w", dom.Name(), err)
 		}
-		return fmt.Errorf("domain %s: %w", dom.name, err)
+		return f(ctx, dom.live)
+	})
+	var gp *guestPanic
+	if errors.As(err, &gp) {
+		dom.failed("api", gp)
+		return fmt.Errorf("domain %s: %w", dom.Name(), gp)
 	}
-	return f(ctx, dom.live)
+	return err
 }
 
-// pass is one reconcile pass; it returns when the next one is due.
+// ensure is ensureLive, or the daemon's test hook in its place.
+func (dom *domain) ensure(ctx context.Context, forPatch bool) error {
+	if h := dom.d.ensureHook; h != nil {
+		return h(dom, ctx, forPatch)
+	}
+	return dom.ensureLive(ctx, forPatch)
+}
+
+// pass is one reconcile pass; it returns when the next one is due. The
+// gauge is updated after dom.mu is released (see the lock order).
 func (dom *domain) pass(force bool) time.Duration {
+	decl := dom.d.declaredFor(dom.Name(), dom.uuid)
+	next := dom.passLocked(force, decl)
+	dom.d.updateGauge()
+	return next
+}
+
+func (dom *domain) passLocked(force bool, decl []*Declared) time.Duration {
 	interval := dom.d.cfg.Reconcile.Interval
-	decl := dom.d.declaredFor(dom.name, dom.uuid)
 	dom.mu.Lock()
 	defer dom.mu.Unlock()
-	defer func() {
-		dom.d.mu.Lock()
-		dom.d.updateGauge()
-		dom.d.mu.Unlock()
-	}()
 	// Forget patches no longer declared (they stay applied: removing a file
 	// is not a revert; hvpatch revert is).
 	keep := map[string]bool{}
@@ -303,7 +335,7 @@ func (dom *domain) pass(force bool) time.Duration {
 	}
 	ctx, cancel := dom.opContext()
 	defer cancel()
-	if err := dom.ensureLive(ctx, true); err != nil {
+	if err := dom.ensure(ctx, true); err != nil {
 		reason := err.Error()
 		var nr errNotRunning
 		wait := interval
@@ -320,7 +352,7 @@ func (dom *domain) pass(force bool) time.Duration {
 		dom.sum.Store("pending")
 		return wait
 	}
-	dom.waitFor = 0
+	dom.waitFor, dom.panics = 0, 0
 	next := interval
 	buildID, _ := patcher.BuildID(dom.live.Target)
 	for _, c := range decl {
@@ -358,7 +390,7 @@ func (dom *domain) pass(force bool) time.Duration {
 
 func (dom *domain) refuse(ps *patchState, why, reason string) {
 	if ps.state != stateRefused || ps.reason != why {
-		dom.d.log.Warn("declared patch refused on this boot", "domain", dom.name, "patch", ps.id, "file", ps.file, "reason", why)
+		dom.d.log.Warn("declared patch refused on this boot", "domain", dom.Name(), "patch", ps.id, "file", ps.file, "reason", why)
 		dom.d.metrics.Applies.WithLabelValues("refused").Inc()
 		dom.d.metrics.Failures.WithLabelValues(reason).Inc()
 	}
@@ -383,7 +415,7 @@ func (dom *domain) apply(ctx context.Context, c *Declared, ps *patchState) {
 		ps.state, ps.reason = stateFailing, err.Error()
 		dom.d.metrics.Applies.WithLabelValues("failed").Inc()
 		dom.d.metrics.Failures.WithLabelValues("apply").Inc()
-		dom.d.log.Warn("declared patch failed", "domain", dom.name, "patch", ps.id, "file", ps.file,
+		dom.d.log.Warn("declared patch failed", "domain", dom.Name(), "patch", ps.id, "file", ps.file,
 			"failures", ps.failures, "retry_at", ps.nextTry.Format(time.RFC3339), "err", err)
 		return
 	}
@@ -393,16 +425,16 @@ func (dom *domain) apply(ctx context.Context, c *Declared, ps *patchState) {
 		if was != stateApplied {
 			ps.since = time.Now()
 			dom.d.metrics.Applies.WithLabelValues("already_applied").Inc()
-			dom.d.log.Info("declared patch already applied", "domain", dom.name, "patch", ps.id, "message", res.Message)
+			dom.d.log.Info("declared patch already applied", "domain", dom.Name(), "patch", ps.id, "message", res.Message)
 		}
 		return
 	}
 	ps.since = time.Now()
 	dom.d.metrics.Applies.WithLabelValues("applied").Inc()
 	for _, r := range res.Reconciled {
-		dom.d.log.Info("journal reconciled", "domain", dom.name, "patch", r.Entry.ID, "difference", r.Difference)
+		dom.d.log.Info("journal reconciled", "domain", dom.Name(), "patch", r.Entry.ID, "difference", r.Difference)
 	}
-	dom.d.log.Info("declared patch applied", "domain", dom.name, "patch", ps.id, "file", ps.file,
+	dom.d.log.Info("declared patch applied", "domain", dom.Name(), "patch", ps.id, "file", ps.file,
 		"freeze_window", res.Freeze.Window, "method", res.Freeze.Method,
 		"since_kernel_up", time.Since(dom.kernelUp).Round(time.Millisecond))
 }
