@@ -18,10 +18,8 @@
 package codearea
 
 import (
-	"context"
 	"fmt"
 
-	"github.com/hvpatch/hvpatch/hypervisor"
 	"github.com/hvpatch/hvpatch/introspect"
 )
 
@@ -48,12 +46,6 @@ type Area struct {
 	Report *LowMemReport
 	// Recovered: the area was found in the guest through its header.
 	Recovered bool
-
-	// CPUs, when set, reads the vCPUs' registers during a stop, for a
-	// writer whose stopped guest cannot (see RegisterReader). Set it only
-	// if calling it during the stop is safe: the QEMU monitor is, while the
-	// gdbstub holds the VM; it is not under a ptrace freeze.
-	CPUs func(context.Context) ([]hypervisor.CPUState, error)
 
 	// Waits counts the releases retried because the code was in use.
 	Waits int

@@ -127,6 +127,9 @@ type memWriter struct {
 }
 
 func (w *memWriter) Name() string { return "test" }
+func (w *memWriter) Capabilities() hypervisor.Capabilities {
+	return hypervisor.Capabilities{Registers: true}
+}
 func (w *memWriter) Stop(ctx context.Context) (hypervisor.StoppedGuest, error) {
 	return &memStopped{w}, nil
 }
@@ -149,7 +152,7 @@ func (s *memStopped) Write(va, gpa uint64, p []byte) error {
 	}
 	return s.w.mem.WritePhys(gpa, p)
 }
-func (s *memStopped) Registers() ([]hypervisor.CPUState, error) { return s.w.cpus, nil }
+func (s *memStopped) Registers(context.Context) ([]hypervisor.CPUState, error) { return s.w.cpus, nil }
 func (s *memStopped) Resume() (hypervisor.FreezeReport, error) {
 	return hypervisor.FreezeReport{Window: time.Microsecond, Method: "test"}, nil
 }

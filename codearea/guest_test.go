@@ -97,18 +97,13 @@ func compileObjects(t *testing.T, kern testguest.Kernel) string {
 	return testkernel.BuildReplacements(t, kern, srcs)
 }
 
-// find is Find with the vCPU registers read through the monitor during
-// stops: safe with the gdbstub writer, which holds the whole VM.
+// find is Find; releases need a writer that reads the vCPU registers
+// during its stops.
 func (lg *liveGuest) find() (*Area, error) {
-	a, err := Find(lg.k)
-	if err != nil {
-		return nil, err
+	if !lg.w.Capabilities().Registers {
+		return nil, fmt.Errorf("writer %s cannot read vCPU registers during its stops: the test releases code", lg.w.Name())
 	}
-	if lg.w.Name() != "gdbstub" {
-		return nil, fmt.Errorf("writer %s: the test reads registers through the monitor during stops, safe only with the gdbstub", lg.w.Name())
-	}
-	a.CPUs = lg.dom.CPUs
-	return a, nil
+	return Find(lg.k)
 }
 
 // snapshot hashes what the area may touch: the first MiB and the

@@ -19,12 +19,6 @@ import (
 // So before releasing, every vCPU's RIP and every task's live kernel stack
 // are searched for an address in the object's text.
 
-// RegisterReader is a hypervisor.StoppedGuest that can read the vCPUs'
-// registers during the stop.
-type RegisterReader interface {
-	Registers() ([]hypervisor.CPUState, error)
-}
-
 // InUseError says the object's code may still be running.
 type InUseError struct {
 	Name  string
@@ -38,15 +32,18 @@ func (e *InUseError) Error() string {
 // threadSize is THREAD_SIZE on x86-64 without KASAN (both Debian kernels).
 const threadSize = 16 << 10
 
-// registers gets the vCPU registers for the stop sg.
+// registers gets the vCPU registers for the stop sg: the stopped guest
+// reads them when its writer can (hypervisor.Capabilities.Registers);
+// otherwise nothing may be released.
 func (a *Area) registers(sg hypervisor.StoppedGuest) ([]hypervisor.CPUState, error) {
-	if rr, ok := sg.(RegisterReader); ok {
-		return rr.Registers()
+	cpus, err := sg.Registers(context.Background())
+	if errors.Is(err, hypervisor.ErrNoRegisters) {
+		return nil, fmt.Errorf("codearea: cannot read the vCPUs' registers during the stop (%w): refusing to release code that may be running", err)
 	}
-	if a.CPUs != nil {
-		return a.CPUs(context.Background())
+	if err != nil {
+		return nil, fmt.Errorf("codearea: reading the vCPUs' registers during the stop: %w", err)
 	}
-	return nil, errors.New("codearea: cannot read the vCPUs' registers during the stop (the writer has no Registers and Area.CPUs is not set): refusing to release code that may be running")
+	return cpus, nil
 }
 
 // inUse searches for the text [lo, hi) in the vCPUs' RIPs, and for the

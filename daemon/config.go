@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hvpatch/hvpatch/hypervisor"
 	"github.com/spf13/pflag"
 	"github.com/spf13/viper"
 )
@@ -87,7 +88,7 @@ func Flags(fs *pflag.FlagSet) {
 	fs.String("patch-dir", "", "directory of declared patch files")
 	fs.String("api-socket", "", "unix socket for the API")
 	fs.String("metrics-addr", "", "TCP address for Prometheus metrics (empty: only on the API socket)")
-	fs.String("writer", "", "code writer: auto, gdbstub, direct, direct+suspend")
+	fs.String("writer", "", "code writer: "+strings.Join(hypervisor.WriterNames, ", "))
 	fs.String("log-format", "", "text or json")
 	fs.String("log-level", "", "debug, info, warn, error")
 	fs.Bool("require-signed", false, "refuse patches without a valid signature")
@@ -154,11 +155,11 @@ func (c *Config) Validate() error {
 	if _, err := c.SocketMode(); err != nil {
 		return err
 	}
-	switch c.Writer {
-	case "auto", "gdbstub", "direct", "direct+suspend":
-	default:
-		return fmt.Errorf("writer %q: want auto, gdbstub, direct or direct+suspend", c.Writer)
+	w, err := hypervisor.ParseWriter(c.Writer)
+	if err != nil {
+		return fmt.Errorf("writer: %w", err)
 	}
+	c.Writer = w
 	switch c.Log.Format {
 	case "text", "json":
 	default:

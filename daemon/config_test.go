@@ -74,3 +74,18 @@ func TestBadConfigRefused(t *testing.T) {
 		t.Error("an explicit missing config file was accepted")
 	}
 }
+
+// hvpatchd's writer setting takes the CLI's writer names (one vocabulary,
+// hypervisor.ParseWriter), in canonical form.
+func TestConfigWriterNames(t *testing.T) {
+	for in, want := range map[string]string{"auto": "auto", "gdbstub": "gdbstub", "direct+ptrace": "direct+ptrace", "Direct+Suspend": "direct+suspend"} {
+		cfg, err := LoadConfig(flags(t, "--writer", in))
+		if err != nil || cfg.Writer != want {
+			t.Errorf("--writer %s: %v, writer %q, want %q", in, err, cfg.Writer, want)
+		}
+	}
+	_, err := LoadConfig(flags(t, "--config", writeFile(t, "writer: direct\n")))
+	if err == nil || !strings.Contains(err.Error(), "direct+ptrace or direct+suspend") {
+		t.Errorf("writer: direct: %v, want a hint at the two direct writers", err)
+	}
+}

@@ -26,11 +26,11 @@ import (
 // gdbstub session), and the restarted daemon's status matches guest memory
 // read independently at the patched guest-physical address.
 //
-// Two writers: direct (ptrace freeze + write to guest RAM; under TCG the
+// Two writers: direct+ptrace (ptrace freeze + write to guest RAM; under TCG the
 // guest may keep running translated old code, so only memory is compared)
 // and auto (the gdbstub under TCG, which stops the VM through QEMU).
 func TestDaemonSIGKILL(t *testing.T) {
-	for _, writer := range []string{"direct", "auto"} {
+	for _, writer := range []string{"direct+ptrace", "auto"} {
 		t.Run(writer, func(t *testing.T) { testSIGKILL(t, writer) })
 	}
 }
@@ -205,7 +205,7 @@ func testSIGKILL(t *testing.T, writer string) {
 		}
 	}
 	t.Logf("50 operations killed at random moments: %v; longest until QEMU ran again (restart included): %v", counts, maxPaused.Round(time.Millisecond))
-	if g.Accel == "tcg" && writer == "direct" {
+	if g.Accel == "tcg" && writer == "direct+ptrace" {
 		return // TCG may run stale translations of directly written code
 	}
 	// The guest agrees with memory, and still runs its kernel fine.

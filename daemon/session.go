@@ -21,8 +21,10 @@ import (
 const stoppedSuffix = ".stopped"
 
 // markWriter wraps w with the marker when its stops outlive the process.
+// The wrapper embeds the writer and its stopped guest, so every capability
+// (reading registers during the stop) stays visible.
 func markWriter(w patcher.CodeWriter, stateDir, uuid string) patcher.CodeWriter {
-	if w.Name() == "direct+ptrace" {
+	if !w.Capabilities().OutlivesProcess {
 		return w
 	}
 	return markedWriter{CodeWriter: w, path: filepath.Join(stateDir, uuid+stoppedSuffix)}
@@ -43,11 +45,7 @@ func (w markedWriter) Stop(ctx context.Context) (patcher.StoppedGuest, error) {
 		// marker may stay: a later start only resumes a paused domain.
 		return nil, err
 	}
-	m := markedStopped{StoppedGuest: sg, path: w.path}
-	if rr, ok := sg.(patcher.RIPReader); ok {
-		return markedStoppedRIPs{m, rr}, nil
-	}
-	return m, nil
+	return markedStopped{StoppedGuest: sg, path: w.path}, nil
 }
 
 type markedStopped struct {
@@ -62,13 +60,6 @@ func (s markedStopped) Resume() (patcher.FreezeReport, error) {
 	}
 	return r, err
 }
-
-type markedStoppedRIPs struct {
-	markedStopped
-	rr patcher.RIPReader
-}
-
-func (s markedStoppedRIPs) RIPs(ctx context.Context) ([]uint64, error) { return s.rr.RIPs(ctx) }
 
 func writeSynced(path, content string) error {
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)

@@ -71,7 +71,7 @@ func testCodeWriters(t *testing.T, lg *liveGuest) {
 	if auto.Name() != want {
 		t.Errorf("automatic writer on %s is %s, want %s", lg.g.Accel, auto.Name(), want)
 	}
-	if _, err := d.NewCodeWriter(ctx, "direct", nil); err == nil {
+	if _, err := d.NewCodeWriter(ctx, "direct+ptrace", nil); err == nil {
 		t.Error("direct writer without PhysMem accepted")
 	}
 

@@ -101,7 +101,14 @@ type gdbWriter struct {
 	guard *gdbGuard // resumes the VM if this process dies mid-session
 }
 
-func (w *gdbWriter) Name() string { return "gdbstub" }
+func (w *gdbWriter) Name() string { return WriterGdbstub }
+
+// Capabilities: the gdbstub stops the VM as the monitor does (vm_stop), so
+// the monitor may read registers; the stop outlives this process until its
+// guard detaches.
+func (w *gdbWriter) Capabilities() Capabilities {
+	return Capabilities{Registers: true, OutlivesProcess: true}
+}
 
 func (d *Domain) gdbSocket() (string, error) {
 	dir := d.GdbstubDir
@@ -255,6 +262,9 @@ func (s *gdbStopped) withAnyCPU(va uint64, pkt string) (string, error) {
 	}
 	return "", fmt.Errorf("no vCPU maps %#x (gdbstub %s)", va, r)
 }
+
+// Registers asks the monitor, which answers while the gdbstub holds the VM.
+func (s *gdbStopped) Registers(ctx context.Context) ([]CPUState, error) { return s.w.d.CPUs(ctx) }
 
 func (s *gdbStopped) Resume() (FreezeReport, error) {
 	if s.done {

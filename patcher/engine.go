@@ -6,36 +6,21 @@ import (
 	"fmt"
 	"strings"
 	"time"
+
+	"github.com/hvpatch/hvpatch/hypervisor"
 )
 
-// CodeWriter changes guest code: Stop freezes the guest so it can be read
-// and written safely. The hypervisor package provides the real ones
-// (ptrace freeze + direct write, gdbstub, libvirt suspend).
-type CodeWriter interface {
-	Name() string
-	Stop(ctx context.Context) (StoppedGuest, error)
-}
-
-// StoppedGuest is a frozen guest. Resume must be called exactly once.
-type StoppedGuest interface {
-	Read(va, gpa uint64, p []byte) error
-	Write(va, gpa uint64, data []byte) error
-	Resume() (FreezeReport, error)
-}
-
-// RIPReader is implemented by stopped guests whose vCPU registers can be
-// read while they are stopped (the VM stopped through the monitor, not a
-// ptrace freeze, during which the monitor must not be called).
-type RIPReader interface {
-	RIPs(ctx context.Context) ([]uint64, error)
-}
-
-// FreezeReport says how long the guest was frozen.
-type FreezeReport struct {
-	Window time.Duration
-	Method string
-	VCPUs  int
-}
+// The patcher writes through the one code-writer abstraction of the
+// hypervisor package: Stop freezes the guest so it can be read and written
+// safely, and what a stop allows (reading vCPU registers) is a method of
+// the stopped guest, not a name to compare. The hypervisor package provides
+// the real writers (gdbstub, direct+ptrace, direct+suspend); tests and
+// hvpatchd wrap them by embedding.
+type (
+	CodeWriter   = hypervisor.CodeWriter
+	StoppedGuest = hypervisor.StoppedGuest
+	FreezeReport = hypervisor.FreezeReport
+)
 
 // Domain is one guest as the patcher sees it.
 type Domain struct {
@@ -294,6 +279,13 @@ func reverseChunks(cs []Chunk) []Chunk {
 // A revert skips the RIP check: it puts back the instructions the guest
 // had, which are whole at their boundaries.
 func writeUnderFreeze(ctx context.Context, d Domain, pl *Plan, revert bool) (fr FreezeReport, err error) {
+	return writeStop(ctx, d, pl, revert, nil)
+}
+
+// writeStop is writeUnderFreeze with a check that runs first inside the
+// stop (the activeness check of consistency: stack): when it fails, nothing
+// is written and the guest resumes.
+func writeStop(ctx context.Context, d Domain, pl *Plan, revert bool, check func(StoppedGuest) error) (fr FreezeReport, err error) {
 	needRIPs := !revert && pl.NeedsRIPCheck()
 	sg, err := d.Writer.Stop(ctx)
 	if err != nil {
@@ -314,9 +306,19 @@ func writeUnderFreeze(ctx context.Context, d Domain, pl *Plan, revert bool) (fr 
 			return fr, err
 		}
 	}
+	if check != nil {
+		if err := check(sg); err != nil {
+			return fr, err
+		}
+	}
 	var all []Chunk
 	for _, e := range pl.Edits {
-		all = append(all, e.Chunks...)
+		all = append(all, e.stopChunks()...)
+	}
+	if !revert {
+		for _, e := range pl.Undo { // edits of superseded patches put back
+			all = append(all, e.Chunks...)
+		}
 	}
 	for _, c := range all {
 		cur := make([]byte, len(c.Old))
@@ -389,16 +391,19 @@ func writeUnderFreeze(ctx context.Context, d Domain, pl *Plan, revert bool) (fr 
 // checkRIPs refuses the write while any vCPU executes strictly inside the
 // instructions an edit spans.
 func checkRIPs(ctx context.Context, sg StoppedGuest, pl *Plan) error {
-	rr, ok := sg.(RIPReader)
-	if !ok {
-		return fmt.Errorf("an edit spans several instructions and the writer cannot read vCPU registers while stopped; use a writer that stops the VM through the monitor (direct+suspend)")
+	cpus, err := sg.Registers(ctx)
+	if errors.Is(err, hypervisor.ErrNoRegisters) {
+		return fmt.Errorf("an edit spans several instructions and the writer cannot read vCPU registers while stopped; use a writer that stops the VM through the monitor (gdbstub or direct+suspend)")
 	}
-	rips, err := rr.RIPs(ctx)
 	if err != nil {
 		return fmt.Errorf("reading vCPU RIPs: %w", err)
 	}
-	if len(rips) == 0 {
+	if len(cpus) == 0 {
 		return fmt.Errorf("reading vCPU RIPs: none returned")
+	}
+	rips := make([]uint64, len(cpus))
+	for i, c := range cpus {
+		rips[i] = c.RIP
 	}
 	var bad []string
 	for _, e := range pl.Edits {

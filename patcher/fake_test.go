@@ -11,6 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/hvpatch/hvpatch/hypervisor"
 )
 
 // fixtureKernel is guest memory captured from a booted test guest (HMP "x"
@@ -179,6 +181,12 @@ type fakeWriter struct {
 
 func (w *fakeWriter) Name() string { return "fake" }
 
+// Capabilities: the fake reads registers during its stops when it was
+// given RIPs.
+func (w *fakeWriter) Capabilities() hypervisor.Capabilities {
+	return hypervisor.Capabilities{Registers: w.rips != nil}
+}
+
 func (w *fakeWriter) Stop(ctx context.Context) (StoppedGuest, error) {
 	if w.beforeStop != nil {
 		w.beforeStop()
@@ -190,9 +198,6 @@ func (w *fakeWriter) Stop(ctx context.Context) (StoppedGuest, error) {
 		return nil, w.stopErr
 	}
 	w.stops++
-	if w.rips != nil {
-		return &fakeStoppedRIPs{fakeStopped{w}}, nil
-	}
 	return &fakeStopped{w}, nil
 }
 
@@ -233,6 +238,13 @@ func (s *fakeStopped) Resume() (FreezeReport, error) {
 	return FreezeReport{Window: 42 * time.Microsecond, Method: "fake", VCPUs: 2}, nil
 }
 
-type fakeStoppedRIPs struct{ fakeStopped }
-
-func (s *fakeStoppedRIPs) RIPs(ctx context.Context) ([]uint64, error) { return s.w.rips, nil }
+func (s *fakeStopped) Registers(ctx context.Context) ([]hypervisor.CPUState, error) {
+	if s.w.rips == nil {
+		return nil, hypervisor.ErrNoRegisters
+	}
+	cpus := make([]hypervisor.CPUState, len(s.w.rips))
+	for i, rip := range s.w.rips {
+		cpus[i] = hypervisor.CPUState{Index: i, RIP: rip}
+	}
+	return cpus, nil
+}

@@ -56,8 +56,8 @@ type Live struct {
 }
 
 // OpenLive maps the domain's memory, finds its kernel and prepares the code
-// writer of the given kind ("" picks from the accelerator: gdbstub on TCG,
-// direct+ptrace on KVM).
+// writer named writerKind (hypervisor.ParseWriter: auto, or "", picks from
+// the accelerator: gdbstub on TCG, direct+ptrace on KVM).
 func OpenLive(ctx context.Context, hv *hypervisor.Domain, writerKind string) (*Live, error) {
 	mem, err := hv.OpenPhysMem(ctx, "")
 	if err != nil {
@@ -79,7 +79,7 @@ func OpenLive(ctx context.Context, hv *hypervisor.Domain, writerKind string) (*L
 		return nil, err
 	}
 	return &Live{
-		Domain: Domain{Name: hv.Name(), UUID: hv.UUID(), Target: KernelTarget{k}, Writer: NewWriter(w, hv)},
+		Domain: Domain{Name: hv.Name(), UUID: hv.UUID(), Target: KernelTarget{k}, Writer: w},
 		HV:     hv, Mem: mem, Kernel: k,
 	}, nil
 }
@@ -87,65 +87,14 @@ func OpenLive(ctx context.Context, hv *hypervisor.Domain, writerKind string) (*L
 // Close releases the guest memory mapping.
 func (l *Live) Close() error { return l.Mem.Close() }
 
-// WithWriter returns the same domain written through another writer kind.
+// WithWriter returns the same domain written through another writer
+// (a name of hypervisor.WriterNames).
 func (l *Live) WithWriter(ctx context.Context, kind string) (Domain, error) {
 	w, err := l.HV.NewCodeWriter(ctx, kind, l.Mem)
 	if err != nil {
 		return Domain{}, err
 	}
 	d := l.Domain
-	d.Writer = NewWriter(w, l.HV)
+	d.Writer = w
 	return d, nil
-}
-
-// NewWriter adapts a hypervisor code writer. Writers that stop the VM the
-// way the monitor does (libvirt suspend, the gdbstub's vm_stop) can read
-// vCPU registers through the monitor while stopped, which the RIP-checked
-// mode needs; a ptrace freeze must not call the monitor.
-func NewWriter(w hypervisor.CodeWriter, hv *hypervisor.Domain) CodeWriter {
-	return hvWriter{w: w, hv: hv}
-}
-
-type hvWriter struct {
-	w  hypervisor.CodeWriter
-	hv *hypervisor.Domain
-}
-
-func (a hvWriter) Name() string { return a.w.Name() }
-
-func (a hvWriter) Stop(ctx context.Context) (StoppedGuest, error) {
-	sg, err := a.w.Stop(ctx)
-	if err != nil {
-		return nil, err
-	}
-	s := hvStopped{sg}
-	switch a.w.Name() {
-	case "direct+suspend", "gdbstub":
-		return hvStoppedRIPs{s, a.hv}, nil
-	}
-	return s, nil
-}
-
-type hvStopped struct{ hypervisor.StoppedGuest }
-
-func (s hvStopped) Resume() (FreezeReport, error) {
-	r, err := s.StoppedGuest.Resume()
-	return FreezeReport{Window: r.Window, Method: r.Method, VCPUs: r.VCPUs}, err
-}
-
-type hvStoppedRIPs struct {
-	hvStopped
-	hv *hypervisor.Domain
-}
-
-func (s hvStoppedRIPs) RIPs(ctx context.Context) ([]uint64, error) {
-	cpus, err := s.hv.CPUs(ctx)
-	if err != nil {
-		return nil, err
-	}
-	rips := make([]uint64, len(cpus))
-	for i, c := range cpus {
-		rips[i] = c.RIP
-	}
-	return rips, nil
 }

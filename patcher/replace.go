@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/hvpatch/hvpatch/codearea"
-	"github.com/hvpatch/hvpatch/hypervisor"
 	"github.com/hvpatch/hvpatch/introspect"
 	"github.com/hvpatch/hvpatch/linker"
 	"github.com/hvpatch/hvpatch/symbols"
@@ -203,7 +202,7 @@ func planGroup(t Target, k *introspect.Kernel, p *Patch, area *codearea.Area, g 
 		edits = append(edits, s.index)
 	}
 	newEdit := func(s replaceSite, rp *ReplacePlan) PlannedEdit {
-		return PlannedEdit{Kind: KindReplace, Symbol: s.sym.Name, SymbolAddr: s.sym.Addr, Offset: s.off, VA: s.site,
+		return PlannedEdit{Kind: KindReplace, Symbol: s.sym.Name, SymbolAddr: s.sym.Addr, SymbolSize: s.sym.Size, Offset: s.off, VA: s.site,
 			Old: append([]byte(nil), FentryNop...), Replace: rp}
 	}
 	name := g.name
@@ -331,69 +330,16 @@ func entrySymbol(img *linker.Image, name string) (uint64, error) {
 	return pick[0].Addr, nil
 }
 
-// hvStoppedOf gives codearea the hypervisor view of a stopped guest.
-func hvStoppedOf(sg StoppedGuest) hypervisor.StoppedGuest {
-	switch s := sg.(type) {
-	case hvStopped:
-		return s.StoppedGuest
-	case hvStoppedRIPs:
-		return s.StoppedGuest
-	}
-	return stoppedAdapter{sg}
-}
-
-type stoppedAdapter struct{ StoppedGuest }
-
-func (s stoppedAdapter) Resume() (hypervisor.FreezeReport, error) {
-	r, err := s.StoppedGuest.Resume()
-	return hypervisor.FreezeReport{Window: r.Window, Method: r.Method, VCPUs: r.VCPUs}, err
-}
-
-// hvWriterOf gives codearea the hypervisor view of a code writer.
-func hvWriterOf(w CodeWriter) hypervisor.CodeWriter {
-	if hw, ok := w.(hvWriter); ok {
-		return hw.w
-	}
-	return writerAdapter{w}
-}
-
-type writerAdapter struct{ CodeWriter }
-
-func (w writerAdapter) Stop(ctx context.Context) (hypervisor.StoppedGuest, error) {
-	sg, err := w.CodeWriter.Stop(ctx)
-	if err != nil {
-		return nil, err
-	}
-	return hvStoppedOf(sg), nil
-}
-
-// registersDuringStop returns how to read the vCPU registers while the
-// writer holds the guest stopped, or nil when that is not safe: the monitor
-// may be called while the gdbstub or a libvirt suspend holds the VM, never
-// under a ptrace freeze.
-func registersDuringStop(w CodeWriter) func(context.Context) ([]hypervisor.CPUState, error) {
-	hw, ok := w.(hvWriter)
-	if !ok || hw.hv == nil {
-		return nil
-	}
-	switch hw.w.Name() {
-	case "gdbstub", "direct+suspend":
-		return hw.hv.CPUs
-	}
-	return nil
-}
-
 // installReplacements puts the code of every replace edit into the area,
 // inside the stop sg. On failure it undoes what it installed.
 func installReplacements(sg StoppedGuest, pl *Plan) (undo func() error, err error) {
-	hsg := hvStoppedOf(sg)
 	var done []*ReplacePlan
 	undo = func() error {
 		var errs []error
 		for i := len(done) - 1; i >= 0; i-- {
 			ws := done[i].Writes
 			for j := len(ws) - 1; j >= 0; j-- {
-				if err := hsg.Write(ws[j].VA, ws[j].GPA, ws[j].Old); err != nil {
+				if err := sg.Write(ws[j].VA, ws[j].GPA, ws[j].Old); err != nil {
 					errs = append(errs, fmt.Errorf("restoring %s at guest-physical %#x: %w", ws[j].What, ws[j].GPA, err))
 				}
 			}
@@ -407,7 +353,7 @@ func installReplacements(sg StoppedGuest, pl *Plan) (undo func() error, err erro
 			continue // applied, or an entry shared with an earlier edit
 		}
 		installed[rp.Placement] = true
-		if err := rp.Area.InstallStopped(hsg, rp.Placement); err != nil {
+		if err := rp.Area.InstallStopped(sg, rp.Placement); err != nil {
 			if uerr := undo(); uerr != nil {
 				err = fmt.Errorf("%w; RESTORE FAILED: %w", err, uerr)
 			}
@@ -444,8 +390,6 @@ func releaseReplaced(ctx context.Context, d Domain, jp *JournalPatch) (waits int
 	if err != nil {
 		return 0, err
 	}
-	area.CPUs = registersDuringStop(d.Writer)
-	w := hvWriterOf(d.Writer)
 	for _, name := range entries {
 		ent, placed := area.Entry(name)
 		if !placed {
@@ -463,7 +407,7 @@ func releaseReplaced(ctx context.Context, d Domain, jp *JournalPatch) (waits int
 				return area.Waits, fmt.Errorf("%s at %#x still jumps into %s (%#x): not releasing it", je.Symbol, je.VA, name, to)
 			}
 		}
-		if err := area.ReleaseWait(ctx, w, name, ReleaseWait); err != nil {
+		if err := area.ReleaseWait(ctx, d.Writer, name, ReleaseWait); err != nil {
 			return area.Waits, err
 		}
 	}

@@ -112,7 +112,8 @@ type ramWriter struct {
 	stops [][]uint64 // guest-physical addresses written, per stop
 }
 
-func (w *ramWriter) Name() string { return "ram" }
+func (w *ramWriter) Name() string                          { return "ram" }
+func (w *ramWriter) Capabilities() hypervisor.Capabilities { return hypervisor.Capabilities{} }
 func (w *ramWriter) Stop(ctx context.Context) (StoppedGuest, error) {
 	w.stops = append(w.stops, nil)
 	return &ramStopped{w, len(w.stops) - 1}, nil
@@ -127,6 +128,9 @@ func (s *ramStopped) Read(va, gpa uint64, p []byte) error { return s.w.m.ReadPhy
 func (s *ramStopped) Write(va, gpa uint64, p []byte) error {
 	s.w.stops[s.n] = append(s.w.stops[s.n], gpa)
 	return s.w.m.WritePhys(gpa, p)
+}
+func (s *ramStopped) Registers(context.Context) ([]hypervisor.CPUState, error) {
+	return nil, hypervisor.ErrNoRegisters
 }
 func (s *ramStopped) Resume() (FreezeReport, error) { return FreezeReport{Method: "ram"}, nil }
 

@@ -2,9 +2,12 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"os"
+	"strings"
 
+	"github.com/hvpatch/hvpatch/hypervisor"
 	"github.com/hvpatch/hvpatch/patcher"
 	"github.com/hvpatch/hvpatch/service"
 	"github.com/spf13/cobra"
@@ -32,8 +35,9 @@ func (f *patchFlags) add(cmd *cobra.Command) {
 		def = defaultStateDir
 	}
 	f.cmd = cmd
+	cmd.PreRunE = func(*cobra.Command, []string) error { return f.check() }
 	cmd.Flags().StringVar(&f.stateDir, "state-dir", def, "journal and lock directory (env HVPATCH_STATE_DIR); given explicitly, the command runs standalone")
-	cmd.Flags().StringVar(&f.writer, "writer", "", "code writer: gdbstub, direct+ptrace, direct+suspend, or empty to choose from the accelerator; given explicitly, the command runs standalone")
+	cmd.Flags().StringVar(&f.writer, "writer", hypervisor.WriterAuto, "code writer: "+strings.Join(hypervisor.WriterNames, ", ")+" (auto: gdbstub under TCG, direct+ptrace under KVM); given explicitly, the command runs standalone")
 }
 
 // local reports whether the user asked for this process's own journal or
@@ -41,6 +45,16 @@ func (f *patchFlags) add(cmd *cobra.Command) {
 // through the daemon.
 func (f *patchFlags) local() bool {
 	return f.cmd.Flags().Changed("state-dir") || f.cmd.Flags().Changed("writer")
+}
+
+// check validates the flags before anything is opened or sent.
+func (f *patchFlags) check() error {
+	w, err := hypervisor.ParseWriter(f.writer)
+	if err != nil {
+		return fmt.Errorf("--writer: %w", err)
+	}
+	f.writer = w
+	return nil
 }
 
 func (f *patchFlags) open(ctx context.Context, a *app, name string) (*patcher.Live, *patcher.Patcher, error) {
@@ -99,7 +113,7 @@ func newApplyCmd(a *app) *cobra.Command {
 	}
 	pf.add(cmd)
 	cmd.Flags().BoolVar(&dryRun, "dry-run", false, "print the plan (addresses, bytes, disassembly) and change nothing")
-	cmd.Flags().BoolVar(&ripChecked, "rip-checked", false, "allow bytes edits spanning several instructions, checked against every vCPU's RIP with the VM stopped (needs --writer direct+suspend or gdbstub)")
+	cmd.Flags().BoolVar(&ripChecked, "rip-checked", false, "allow bytes edits spanning several instructions, checked against every vCPU's RIP with the VM stopped (needs a writer that reads registers during its stop: gdbstub or direct+suspend)")
 	return cmd
 }
 
