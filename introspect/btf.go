@@ -35,13 +35,20 @@ func FieldOf(spec *btf.Spec, path string) (Field, error) {
 	if err != nil {
 		return Field{}, fmt.Errorf("BTF path %q: %w", path, err)
 	}
+	outer, err := btf.Sizeof(typ)
+	if err != nil {
+		return Field{}, fmt.Errorf("BTF path %q: %w", path, err)
+	}
 	var off uint64
 	for _, part := range parts[1:] {
 		name, indexes, err := splitIndexes(part)
 		if err != nil {
 			return Field{}, fmt.Errorf("BTF path %q: %w", path, err)
 		}
-		m, moff, ok := findMember(typ, name)
+		m, moff, ok, err := findMember(typ, name)
+		if err != nil {
+			return Field{}, fmt.Errorf("BTF path %q: %w", path, err)
+		}
 		if !ok {
 			return Field{}, fmt.Errorf("BTF path %q: %s has no member %q", path, describe(typ), name)
 		}
@@ -62,13 +69,27 @@ func FieldOf(spec *btf.Spec, path string) (Field, error) {
 			if err != nil {
 				return Field{}, fmt.Errorf("BTF path %q: %w", path, err)
 			}
+			// idx < Nelems < 2^32 and esize < 2^32 (or the whole array would
+			// not fit its struct, checked below): no overflow.
+			if uint64(esize) > uint64(outer) {
+				return Field{}, fmt.Errorf("BTF path %q: element of %d bytes in a struct of %d", path, esize, outer)
+			}
 			off += idx * uint64(esize)
 			typ = arr.Type
+		}
+		if off > uint64(outer) {
+			return Field{}, fmt.Errorf("BTF path %q: offset %d lies outside %s (%d bytes)", path, off, parts[0], outer)
 		}
 	}
 	size, err := btf.Sizeof(typ)
 	if err != nil {
 		return Field{}, fmt.Errorf("BTF path %q: %w", path, err)
+	}
+	// A member must lie inside its outermost struct: the guest's BTF says
+	// where to read, and a field outside what is read would be out of
+	// range (or, trusted, a huge allocation).
+	if uint64(size) > uint64(outer) || off > uint64(outer)-uint64(size) {
+		return Field{}, fmt.Errorf("BTF path %q: member of %d bytes at offset %d does not fit in %s (%d bytes)", path, size, off, parts[0], outer)
 	}
 	return Field{Offset: off, Size: uint64(size), Type: typ}, nil
 }
@@ -102,9 +123,27 @@ func compositeByName(spec *btf.Spec, name string) (btf.Type, error) {
 	return nil, fmt.Errorf("%q is not a struct or union in BTF", name)
 }
 
+// maxAnonDepth bounds how deep anonymous structs and unions nest (the
+// kernel's go 4 or 5 levels deep).
+const maxAnonDepth = 32
+
 // findMember looks for name in a struct or union, descending into anonymous
-// members. The offset is in bits from the start of typ.
-func findMember(typ btf.Type, name string) (btf.Member, uint64, bool) {
+// members. The offset is in bits from the start of typ. Each anonymous type
+// is searched once, and to a bounded depth: a guest's BTF may make an
+// anonymous member of a struct the struct itself.
+func findMember(typ btf.Type, name string) (btf.Member, uint64, bool, error) {
+	return findMemberIn(typ, name, map[btf.Type]bool{}, 0)
+}
+
+func findMemberIn(typ btf.Type, name string, seen map[btf.Type]bool, depth int) (btf.Member, uint64, bool, error) {
+	if depth > maxAnonDepth {
+		return btf.Member{}, 0, false, fmt.Errorf("anonymous members nest more than %d deep looking for %q: corrupt BTF", maxAnonDepth, name)
+	}
+	typ = btf.UnderlyingType(typ)
+	if seen[typ] {
+		return btf.Member{}, 0, false, nil
+	}
+	seen[typ] = true
 	var members []btf.Member
 	switch t := btf.UnderlyingType(typ).(type) {
 	case *btf.Struct:
@@ -112,22 +151,26 @@ func findMember(typ btf.Type, name string) (btf.Member, uint64, bool) {
 	case *btf.Union:
 		members = t.Members
 	default:
-		return btf.Member{}, 0, false
+		return btf.Member{}, 0, false, nil
 	}
 	for _, m := range members {
 		if m.Name == name {
-			return m, uint64(m.Offset), true
+			return m, uint64(m.Offset), true, nil
 		}
 	}
 	for _, m := range members {
 		if m.Name != "" {
 			continue
 		}
-		if inner, off, ok := findMember(m.Type, name); ok {
-			return inner, uint64(m.Offset) + off, true
+		inner, off, ok, err := findMemberIn(m.Type, name, seen, depth+1)
+		if err != nil {
+			return btf.Member{}, 0, false, err
+		}
+		if ok {
+			return inner, uint64(m.Offset) + off, true, nil
 		}
 	}
-	return btf.Member{}, 0, false
+	return btf.Member{}, 0, false, nil
 }
 
 // splitIndexes splits "mem[1]" into "mem" and [1].

@@ -56,6 +56,10 @@ type Kernel struct {
 	AttachTime time.Duration // how long Open took
 	Timings    Timings
 
+	// WalkBudget bounds each walk of guest lists (Tasks, Modules); zero
+	// means DefaultWalkBudget.
+	WalkBudget Budget
+
 	fieldMu sync.Mutex
 	fields  map[string]Field
 }
@@ -72,10 +76,46 @@ func (t Timings) String() string {
 	return fmt.Sprintf("locate %v, read %v, kallsyms %v, btf %v", t.Locate, t.Read, t.Kallsyms, t.BTF)
 }
 
+// Limits on what Open believes of a guest, whatever its page tables and
+// symbols say. Distribution kernels are 30-70 MiB from _text to _end and
+// carry 5-6 MiB of BTF.
+const (
+	maxImageRead = 512 << 20 // bytes of the kernel image read
+	maxBTFSize   = 64 << 20  // bytes of .BTF
+)
+
 // Open locates the kernel through the first vCPU's page tables, decodes
 // its kallsyms and parses its BTF. cpus come from the monitor (live) or the
-// dump's notes (offline).
+// dump's notes (offline). It runs under DefaultAttachBudget.
 func Open(ctx context.Context, mem hypervisor.PhysMem, cpus []hypervisor.CPUState) (*Kernel, error) {
+	return OpenWithBudget(ctx, mem, cpus, DefaultAttachBudget)
+}
+
+// OpenWithBudget is Open with its own budget (a zero Budget means
+// DefaultAttachBudget). A guest whose memory makes the attach cost more
+// gets a *BudgetError.
+func OpenWithBudget(ctx context.Context, mem hypervisor.PhysMem, cpus []hypervisor.CPUState, b Budget) (*Kernel, error) {
+	b = orDefault(b, DefaultAttachBudget)
+	if b.Time > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, b.Time)
+		defer cancel()
+	}
+	bm := newBudgetMem(mem, "attach", b)
+	k, err := open(ctx, bm, cpus)
+	if err != nil {
+		if errors.Is(err, context.DeadlineExceeded) && b.Time > 0 && time.Since(bm.start) >= b.Time {
+			err = errors.Join(&BudgetError{Op: "attach", What: "time", Limit: b.Time.String()}, err)
+		}
+		return nil, err
+	}
+	// Later reads are not the attach's: they go to the memory itself.
+	k.Mem = mem
+	k.AS = NewAddressSpace(mem, k.CR3, k.LA57)
+	return k, nil
+}
+
+func open(ctx context.Context, mem *budgetMem, cpus []hypervisor.CPUState) (*Kernel, error) {
 	t0 := time.Now()
 	if len(cpus) == 0 {
 		return nil, errors.New("introspect: no vCPU state given: need at least one CR3")
@@ -101,13 +141,16 @@ func Open(ctx context.Context, mem hypervisor.PhysMem, cpus []hypervisor.CPUStat
 	var imgBase uint64
 	if ro := rodataRun(maps); ro.Size >= Size2M {
 		imgBase = ro.VA
-		img, err = k.readImage(maps, ro.VA, ro.VA+ro.Size)
+		img, err = k.readImage(mem, maps, ro.VA, ro.VA+ro.Size)
 		if err != nil {
 			return nil, err
 		}
 		k.Timings.Read = time.Since(t1)
 		t2 := time.Now()
-		if k.Symbols, err = symbols.DecodeKallsyms(img, imgBase); err != nil {
+		if k.Symbols, err = symbols.DecodeKallsymsContext(ctx, img, imgBase); err != nil {
+			if ctx.Err() != nil {
+				return nil, fmt.Errorf("introspect: decoding kallsyms: %w", err)
+			}
 			k.Symbols = nil
 		}
 		k.Timings.Kallsyms = time.Since(t2)
@@ -115,12 +158,13 @@ func Open(ctx context.Context, mem hypervisor.PhysMem, cpus []hypervisor.CPUStat
 	if k.Symbols == nil {
 		t1 = time.Now()
 		imgBase = k.TextStart
-		if img, err = k.readImage(maps, k.TextStart, imgEnd); err != nil {
+		img = nil // the .rodata copy: let it go before the larger read
+		if img, err = k.readImage(mem, maps, k.TextStart, imgEnd); err != nil {
 			return nil, err
 		}
 		k.Timings.Read += time.Since(t1)
 		t2 := time.Now()
-		k.Symbols, err = symbols.DecodeKallsyms(img, imgBase)
+		k.Symbols, err = symbols.DecodeKallsymsContext(ctx, img, imgBase)
 		if err != nil {
 			return nil, fmt.Errorf("introspect: decoding kallsyms of the kernel at %#x: %w", k.TextStart, err)
 		}
@@ -180,8 +224,12 @@ func (k *Kernel) locate(cpus []hypervisor.CPUState) ([]Mapping, error) {
 		}
 	}
 	if bestSize < Size2M {
-		return nil, fmt.Errorf("introspect: no kernel image mapped at %#x-%#x under any vCPU's CR3 (%d vCPUs): %w",
-			uint64(KernelImageStart), uint64(KernelImageEnd), len(cpus), errors.Join(errs...))
+		err := fmt.Errorf("introspect: no kernel image mapped at %#x-%#x under any vCPU's CR3 (%d vCPUs)",
+			uint64(KernelImageStart), uint64(KernelImageEnd), len(cpus))
+		if len(errs) > 0 {
+			err = fmt.Errorf("%w: %w", err, errors.Join(errs...))
+		}
+		return nil, err
 	}
 	k.TextStart = best[0].VA
 	k.PhysBase = best[0].GPA
@@ -213,10 +261,16 @@ func rodataRun(maps []Mapping) Mapping {
 // readImage copies [start, end) of the kernel image out of guest memory,
 // one read per mapping (2 MiB pages make that a few dozen reads). Holes,
 // where init memory was freed and unmapped, stay zero.
-func (k *Kernel) readImage(maps []Mapping, start, end uint64) ([]byte, error) {
+func (k *Kernel) readImage(mem *budgetMem, maps []Mapping, start, end uint64) ([]byte, error) {
 	size := end - start
 	if end < start || size > KernelImageEnd-KernelImageStart {
 		return nil, fmt.Errorf("introspect: kernel image range %#x-%#x is not within its region", start, end)
+	}
+	if size > maxImageRead {
+		return nil, fmt.Errorf("introspect: kernel image range %#x-%#x is %d MiB, more than the %d MiB a kernel image has", start, end, size>>20, maxImageRead>>20)
+	}
+	if err := mem.check(size); err != nil {
+		return nil, err
 	}
 	img := make([]byte, size)
 	for _, m := range maps {
@@ -328,8 +382,8 @@ func (k *Kernel) loadBTF(img []byte, imgBase uint64) error {
 	if err1 != nil || err2 != nil {
 		return nil // no BTF in this kernel
 	}
-	if stop < start || stop-start > KernelImageEnd-KernelImageStart {
-		return fmt.Errorf("introspect: BTF range %#x-%#x is not a range", start, stop)
+	if stop < start || stop-start > maxBTFSize {
+		return fmt.Errorf("introspect: BTF range %#x-%#x is not a range of at most %d MiB", start, stop, maxBTFSize>>20)
 	}
 	var raw []byte
 	if start >= imgBase && stop-imgBase <= uint64(len(img)) {
@@ -362,9 +416,24 @@ func (k *Kernel) Field(path string) (Field, error) {
 		return Field{}, err
 	}
 	k.fieldMu.Lock()
+	if k.fields == nil || len(k.fields) >= maxCachedFields {
+		k.fields = map[string]Field{}
+	}
 	k.fields[path] = f
 	k.fieldMu.Unlock()
 	return f, nil
+}
+
+// maxCachedFields bounds the field cache (callers use a few dozen paths).
+const maxCachedFields = 1024
+
+// walkAS is the kernel's address space with reads charged to a fresh
+// WalkBudget: one per walk of guest lists.
+func (k *Kernel) walkAS(op string) *AddressSpace {
+	if k.Mem == nil || k.AS == nil {
+		return k.AS
+	}
+	return NewAddressSpace(newBudgetMem(k.Mem, op, orDefault(k.WalkBudget, DefaultWalkBudget)), k.AS.Root(), k.AS.LA57())
 }
 
 // Offset is the byte offset of a member path, e.g. "task_struct.tasks".

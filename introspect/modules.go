@@ -24,18 +24,15 @@ func (k *Kernel) Modules() ([]Module, error) {
 	if err != nil {
 		return nil, err
 	}
-	listOff, err := k.Offset("module.list")
-	if err != nil {
-		return nil, err
+	var s fieldSpan
+	listOff := s.need(k, "module.list", 8, 0).Offset
+	name := s.need(k, "module.name", 1, 0)
+	if s.err != nil {
+		return nil, s.err
 	}
-	name, err := k.Field("module.name")
-	if err != nil {
-		return nil, err
-	}
-	size, err := SizeOf(k.BTF, "module")
-	if err != nil {
-		return nil, err
-	}
+	// MODULE_NAME_LEN is 56 (64 - sizeof(unsigned long)).
+	nameSize := min(name.Size, 64)
+	s.end = maxU(s.end, name.Offset+nameSize)
 	// The base is the first part's; the sizes of all parts are summed
 	// (init parts are zero once the module finished loading).
 	var baseOff uint64
@@ -45,46 +42,54 @@ func (k *Kernel) Modules() ([]Module, error) {
 		if !ok {
 			return nil, fmt.Errorf("module.mem is not an array")
 		}
+		// MOD_MEM_NUM_TYPES is 7; a guest's BTF may claim 2^32.
+		if arr.Nelems == 0 || arr.Nelems > maxModMem {
+			return nil, fmt.Errorf("module.mem has %d elements, a kernel has 1..%d", arr.Nelems, maxModMem)
+		}
 		for i := 0; i < int(arr.Nelems); i++ {
-			f, err := k.Field(fmt.Sprintf("module.mem[%d].size", i))
-			if err != nil {
-				return nil, err
-			}
-			sizes = append(sizes, f)
+			sizes = append(sizes, s.need(k, fmt.Sprintf("module.mem[%d].size", i), 4, 8))
 		}
-		if baseOff, err = k.Offset("module.mem[0].base"); err != nil {
-			return nil, err
-		}
+		baseOff = s.need(k, "module.mem[0].base", 8, 8).Offset
 	} else {
-		if baseOff, err = k.Offset("module.core_layout.base"); err != nil {
+		if _, err := k.Field("module.core_layout.base"); err != nil {
 			return nil, fmt.Errorf("struct module has neither mem[] nor core_layout: %w", err)
 		}
+		baseOff = s.need(k, "module.core_layout.base", 8, 8).Offset
 		for _, p := range []string{"module.core_layout.size", "module.init_layout.size"} {
-			f, err := k.Field(p)
-			if err != nil {
-				return nil, err
-			}
-			sizes = append(sizes, f)
+			sizes = append(sizes, s.need(k, p, 4, 8))
 		}
 	}
+	if s.err != nil {
+		return nil, fmt.Errorf("struct module layout: %w", s.err)
+	}
+	for _, f := range sizes {
+		s.end = maxU(s.end, f.Offset+f.Size)
+	}
+	if s.end > maxStructSpan {
+		return nil, fmt.Errorf("struct module layout: the fields read span %d bytes, more than the %d any kernel's struct module has", s.end, maxStructSpan)
+	}
 
-	buf := make([]byte, size)
+	as := k.walkAS("module walk")
+	buf := make([]byte, s.end)
 	var out []Module
 	seen := map[uint64]bool{}
-	next, err := k.AS.ReadUint64(head)
+	next, err := as.ReadUint64(head)
 	if err != nil {
 		return nil, fmt.Errorf("reading the module list head at %#x: %w", head, err)
 	}
 	for next != head {
 		addr := next - listOff
-		if seen[addr] || len(out) > maxListLength {
+		if seen[addr] {
 			return nil, fmt.Errorf("module list loops at %#x", addr)
 		}
+		if len(out) >= maxListLength {
+			return nil, fmt.Errorf("module list longer than %d entries", maxListLength)
+		}
 		seen[addr] = true
-		if err := k.AS.ReadVirt(addr, buf); err != nil {
+		if err := as.ReadVirt(addr, buf); err != nil {
 			return nil, fmt.Errorf("reading struct module at %#x: %w", addr, err)
 		}
-		nm := buf[name.Offset : name.Offset+name.Size]
+		nm := buf[name.Offset : name.Offset+nameSize]
 		if i := bytes.IndexByte(nm, 0); i >= 0 {
 			nm = nm[:i]
 		}
@@ -101,3 +106,6 @@ func (k *Kernel) Modules() ([]Module, error) {
 	}
 	return out, nil
 }
+
+// maxModMem bounds module.mem[]: MOD_MEM_NUM_TYPES is 7.
+const maxModMem = 16

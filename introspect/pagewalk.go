@@ -47,7 +47,10 @@ type TranslationError struct {
 	VA     uint64
 	Level  int // paging level of the entry that stopped the walk (5..1), 0 if none
 	Reason string
+	Err    error // the read that failed, if one did (a *hypervisor.AccessError, a *BudgetError)
 }
+
+func (e *TranslationError) Unwrap() error { return e.Err }
 
 func (e *TranslationError) Error() string {
 	if e.Level == 0 {
@@ -174,7 +177,7 @@ func (a *AddressSpace) walk(va uint64) (Translation, error) {
 		entryAddr := table + index*8
 		if err := a.mem.ReadPhys(entryAddr, buf[:]); err != nil {
 			return Translation{}, &TranslationError{VA: va, Level: level,
-				Reason: fmt.Sprintf("page-table entry at guest-physical %#x unreadable: %v", entryAddr, err)}
+				Reason: fmt.Sprintf("page-table entry at guest-physical %#x unreadable: %v", entryAddr, err), Err: err}
 		}
 		e := binary.LittleEndian.Uint64(buf[:])
 		if e&ptePresent == 0 {
@@ -263,11 +266,22 @@ type Mapping struct {
 	Size uint64
 }
 
+// Limits on Mappings, whatever the guest's tables say: a table may list
+// itself, or one table page many times, so a walk is bounded by the pages
+// it reads and the mappings it returns, not by the tables' shape. The
+// kernel-image region (1 GiB) takes at most 515 tables and 262,144 4 KiB
+// leaves.
+const (
+	maxMappingTables = 1 << 16
+	maxMappings      = 1 << 20
+)
+
 // Mappings lists what is mapped in [start, end), merging adjacent pages of
 // the same size and rights that are also physically contiguous. It reads
 // each page table once, so scanning a 1 GiB region costs a few reads.
 func (a *AddressSpace) Mappings(start, end uint64) ([]Mapping, error) {
 	var out []Mapping
+	tables := 0
 	add := func(va uint64, t Translation) {
 		if n := len(out); n > 0 {
 			last := &out[n-1]
@@ -281,12 +295,20 @@ func (a *AddressSpace) Mappings(start, end uint64) ([]Mapping, error) {
 	}
 	var visit func(table uint64, level int, base uint64, acc Translation) error
 	visit = func(table uint64, level int, base uint64, acc Translation) error {
+		if tables++; tables > maxMappingTables {
+			return &TranslationError{VA: base, Level: level,
+				Reason: fmt.Sprintf("more than %d page tables under %#x-%#x: giving up", maxMappingTables, start, end)}
+		}
+		if len(out) >= maxMappings {
+			return &TranslationError{VA: base, Level: level,
+				Reason: fmt.Sprintf("more than %d separate mappings in %#x-%#x: giving up", maxMappings, start, end)}
+		}
 		shift := uint(12 + 9*(level-1))
 		span := uint64(1) << shift
 		var raw [4096]byte
 		if err := a.mem.ReadPhys(table, raw[:]); err != nil {
 			return &TranslationError{VA: base, Level: level,
-				Reason: fmt.Sprintf("page table at guest-physical %#x unreadable: %v", table, err)}
+				Reason: fmt.Sprintf("page table at guest-physical %#x unreadable: %v", table, err), Err: err}
 		}
 		for i := uint64(0); i < 512; i++ {
 			va := a.signExtend(base + i*span)

@@ -47,55 +47,92 @@ func (t Task) StateLetter() string {
 }
 
 // maxListLength bounds list walks over guest memory: a corrupt or changing
-// list must not loop forever.
+// list must not loop forever. PID_MAX_LIMIT is 4M; no guest runs a million
+// processes or modules.
 const maxListLength = 1 << 20
+
+// maxStructSpan bounds how much of one guest struct is read: the span of
+// the fields used. task_struct is about 10 KiB, struct module 1 KiB; a
+// guest's BTF claiming more is not believed.
+const maxStructSpan = 64 << 10
 
 // taskLayout is the part of struct task_struct Tasks reads.
 type taskLayout struct {
-	size                                                    uint64
+	span                                                    uint64 // bytes read per task: the end of the last field
 	tasks, pid, tgid, comm, realParent, state, exit, sp, mm uint64
-	stateSize                                               uint64
+	stateSize, commSize                                     uint64
+}
+
+// fieldSpan tracks the end of the fields of a struct layout, each checked
+// for the size the walk reads from it.
+type fieldSpan struct {
+	end uint64
+	err error
+}
+
+// need resolves path and checks that the member is at least min bytes (and,
+// if max > 0, at most max).
+func (s *fieldSpan) need(k *Kernel, path string, min, max uint64) Field {
+	if s.err != nil {
+		return Field{}
+	}
+	f, err := k.Field(path)
+	if err == nil && (f.Size < min || max > 0 && f.Size > max) {
+		err = fmt.Errorf("BTF says %s is %d bytes, expected %d..%d", path, f.Size, min, max)
+	}
+	if err != nil {
+		s.err = err
+		return Field{}
+	}
+	s.end = maxU(s.end, f.Offset+min)
+	return f
+}
+
+func maxU(a, b uint64) uint64 {
+	if a > b {
+		return a
+	}
+	return b
 }
 
 func (k *Kernel) taskLayout() (taskLayout, error) {
 	var l taskLayout
-	var err error
-	get := func(path string) uint64 {
-		if err != nil {
-			return 0
-		}
-		var f Field
-		f, err = k.Field(path)
-		return f.Offset
+	var s fieldSpan
+	l.tasks = s.need(k, "task_struct.tasks", 8, 0).Offset
+	l.pid = s.need(k, "task_struct.pid", 4, 4).Offset
+	l.tgid = s.need(k, "task_struct.tgid", 4, 4).Offset
+	comm := s.need(k, "task_struct.comm", 1, 0)
+	l.realParent = s.need(k, "task_struct.real_parent", 8, 8).Offset
+	l.exit = s.need(k, "task_struct.exit_state", 4, 4).Offset
+	l.sp = s.need(k, "task_struct.thread.sp", 8, 8).Offset
+	l.mm = s.need(k, "task_struct.mm", 8, 8).Offset
+	if s.err != nil {
+		return l, fmt.Errorf("task_struct layout: %w", s.err)
 	}
-	l.tasks = get("task_struct.tasks")
-	l.pid = get("task_struct.pid")
-	l.tgid = get("task_struct.tgid")
-	l.comm = get("task_struct.comm")
-	l.realParent = get("task_struct.real_parent")
-	l.exit = get("task_struct.exit_state")
-	l.sp = get("task_struct.thread.sp")
-	l.mm = get("task_struct.mm")
-	if err != nil {
-		return l, fmt.Errorf("task_struct layout: %w", err)
-	}
+	// TASK_COMM_LEN is 16 (64 since 6.13 allows longer); read at most 64.
+	l.comm, l.commSize = comm.Offset, min(comm.Size, 64)
+	s.end = maxU(s.end, l.comm+l.commSize)
 	// 5.14 renamed state to __state (and made it unsigned int).
-	f, err := k.Field("task_struct.__state")
-	if err != nil {
-		if f, err = k.Field("task_struct.state"); err != nil {
-			return l, fmt.Errorf("task_struct layout: no __state or state member: %w", err)
-		}
+	st := "task_struct.__state"
+	if _, err := k.Field(st); err != nil {
+		st = "task_struct.state"
+	}
+	f := s.need(k, st, 4, 8)
+	if s.err != nil {
+		return l, fmt.Errorf("task_struct layout: no usable __state or state member: %w", s.err)
 	}
 	l.state, l.stateSize = f.Offset, f.Size
-	if l.size, err = SizeOf(k.BTF, "task_struct"); err != nil {
-		return l, err
+	s.end = maxU(s.end, l.state+l.stateSize)
+	if s.end > maxStructSpan {
+		return l, fmt.Errorf("task_struct layout: the fields read span %d bytes, more than the %d any kernel's task_struct has", s.end, maxStructSpan)
 	}
+	l.span = s.end
 	return l, nil
 }
 
 // Tasks walks the task list from init_task (the idle task, PID 0, listed
 // first). Threads other than group leaders are not on this list, exactly as
-// /proc lists only processes.
+// /proc lists only processes. The walk runs under the kernel's WalkBudget.
 func (k *Kernel) Tasks() ([]Task, error) {
 	l, err := k.taskLayout()
 	if err != nil {
@@ -105,14 +142,15 @@ func (k *Kernel) Tasks() ([]Task, error) {
 	if err != nil {
 		return nil, err
 	}
-	buf := make([]byte, l.size)
+	as := k.walkAS("task walk")
+	buf := make([]byte, l.span)
 	read := func(addr uint64) (Task, uint64, error) {
-		if err := k.AS.ReadVirt(addr, buf); err != nil {
+		if err := as.ReadVirt(addr, buf); err != nil {
 			return Task{}, 0, fmt.Errorf("reading task_struct at %#x: %w", addr, err)
 		}
 		u32 := func(off uint64) uint32 { return binary.LittleEndian.Uint32(buf[off:]) }
 		u64 := func(off uint64) uint64 { return binary.LittleEndian.Uint64(buf[off:]) }
-		comm := buf[l.comm : l.comm+16]
+		comm := buf[l.comm : l.comm+l.commSize]
 		if i := bytes.IndexByte(comm, 0); i >= 0 {
 			comm = comm[:i]
 		}
@@ -133,24 +171,24 @@ func (k *Kernel) Tasks() ([]Task, error) {
 	}
 
 	var out []Task
-	parents := map[int]uint64{} // index in out -> real_parent
+	var parents []uint64 // index in out -> real_parent
 	seen := map[uint64]bool{}
 	addr := initTask
 	for {
 		if seen[addr] {
 			return nil, fmt.Errorf("task list loops at %#x", addr)
 		}
+		if len(out) >= maxListLength {
+			return nil, fmt.Errorf("task list longer than %d entries", maxListLength)
+		}
 		seen[addr] = true
 		t, parent, err := read(addr)
 		if err != nil {
 			return nil, err
 		}
-		parents[len(out)] = parent
+		parents = append(parents, parent)
 		out = append(out, t)
-		if len(out) > maxListLength {
-			return nil, fmt.Errorf("task list longer than %d entries", maxListLength)
-		}
-		next, err := k.AS.ReadUint64(addr + l.tasks)
+		next, err := as.ReadUint64(addr + l.tasks)
 		if err != nil {
 			return nil, fmt.Errorf("task list after %#x: %w", addr, err)
 		}
@@ -173,7 +211,7 @@ func (k *Kernel) Tasks() ([]Task, error) {
 			continue
 		}
 		// A parent that is not a group leader (a thread): read its tgid.
-		if err := k.AS.ReadVirt(p+l.tgid, b[:]); err != nil {
+		if err := as.ReadVirt(p+l.tgid, b[:]); err != nil {
 			return nil, fmt.Errorf("reading parent of PID %d at %#x: %w", out[i].PID, p, err)
 		}
 		out[i].PPID = int(int32(binary.LittleEndian.Uint32(b[:])))
@@ -186,7 +224,7 @@ func (k *Kernel) Tasks() ([]Task, error) {
 // reaching its user mappings as well as the kernel's.
 func (k *Kernel) ProcessAddressSpace(t Task) (*AddressSpace, error) {
 	if t.MM == 0 {
-		return nil, fmt.Errorf("task %d (%s) is a kernel thread: it has no mm", t.PID, t.Comm)
+		return nil, fmt.Errorf("task %d (%q) is a kernel thread: it has no mm", t.PID, t.Comm)
 	}
 	off, err := k.Offset("mm_struct.pgd")
 	if err != nil {
