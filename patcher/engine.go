@@ -279,13 +279,6 @@ func reverseChunks(cs []Chunk) []Chunk {
 // A revert skips the RIP check: it puts back the instructions the guest
 // had, which are whole at their boundaries.
 func writeUnderFreeze(ctx context.Context, d Domain, pl *Plan, revert bool) (fr FreezeReport, err error) {
-	return writeStop(ctx, d, pl, revert, nil)
-}
-
-// writeStop is writeUnderFreeze with a check that runs first inside the
-// stop (the activeness check of consistency: stack): when it fails, nothing
-// is written and the guest resumes.
-func writeStop(ctx context.Context, d Domain, pl *Plan, revert bool, check func(StoppedGuest) error) (fr FreezeReport, err error) {
 	needRIPs := !revert && pl.NeedsRIPCheck()
 	sg, err := d.Writer.Stop(ctx)
 	if err != nil {
@@ -306,19 +299,9 @@ func writeStop(ctx context.Context, d Domain, pl *Plan, revert bool, check func(
 			return fr, err
 		}
 	}
-	if check != nil {
-		if err := check(sg); err != nil {
-			return fr, err
-		}
-	}
 	var all []Chunk
 	for _, e := range pl.Edits {
-		all = append(all, e.stopChunks()...)
-	}
-	if !revert {
-		for _, e := range pl.Undo { // edits of superseded patches put back
-			all = append(all, e.Chunks...)
-		}
+		all = append(all, e.Chunks...)
 	}
 	for _, c := range all {
 		cur := make([]byte, len(c.Old))
