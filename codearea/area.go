@@ -278,7 +278,7 @@ func (a *Area) recover(h *header, gpa uint64) error {
 	if want := a.PMDTable + slotIndex(h.Base)*8; h.PMDEntry != want {
 		return fmt.Errorf("PMD entry recorded at %#x, the slot's entry is at %#x", h.PMDEntry, want)
 	}
-	if len(h.Text) == 0 || len(h.Data) == 0 {
+	if len(h.Text) == 0 || len(h.Data) == 0 || len(h.Text) > maxAreaPages || len(h.Data) > maxAreaPages {
 		return fmt.Errorf("%d text and %d data pages: not a valid layout", len(h.Text), len(h.Data))
 	}
 	seen := map[uint64]bool{}
@@ -312,11 +312,15 @@ func (a *Area) recover(h *header, gpa uint64) error {
 		}
 	}
 	tu, du := make([]bool, len(a.TextPages)), make([]bool, len(a.DataPages))
+	names := map[string]bool{}
 	for _, e := range a.entries {
-		if e.TextPages < 1 || e.TextPage < 0 || e.TextPage+e.TextPages > len(tu) ||
-			e.DataPage < 0 || e.DataPages < 0 || e.DataPage+e.DataPages > len(du) {
-			return fmt.Errorf("entry %q has pages outside the area", e.Name)
+		if err := e.check(len(tu), len(du)); err != nil {
+			return fmt.Errorf("entry %q has pages outside the area: %w", e.Name, err)
 		}
+		if names[e.Name] {
+			return fmt.Errorf("entry %q is recorded twice", e.Name)
+		}
+		names[e.Name] = true
 		for i := e.TextPage; i < e.TextPage+e.TextPages; i++ {
 			if tu[i] {
 				return fmt.Errorf("entry %q overlaps another", e.Name)

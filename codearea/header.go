@@ -92,5 +92,45 @@ func decodeHeader(page []byte) (*header, error) {
 	if h.Version != headerVersion {
 		return nil, fmt.Errorf("header version %d, this hvpatch understands %d", h.Version, headerVersion)
 	}
+	if err := h.check(); err != nil {
+		return nil, err
+	}
 	return &h, nil
+}
+
+// maxAreaPages is the most pages an area can have: the first MiB.
+const maxAreaPages = lowMemEnd / pageSize
+
+// check validates the numbers of a header read from the guest (which may
+// have forged it) against each other: every page index, count and size is
+// within the area's page lists, so nothing derived from them overflows or
+// indexes out of range.
+func (h *header) check() error {
+	if len(h.Text) > maxAreaPages || len(h.Data) > maxAreaPages {
+		return fmt.Errorf("%d text and %d data pages: more than the %d pages of the first MiB", len(h.Text), len(h.Data), maxAreaPages)
+	}
+	for _, e := range h.Entries {
+		if err := e.check(len(h.Text), len(h.Data)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// check validates an entry against an area of text and data pages.
+func (e *Entry) check(text, data int) error {
+	inside := func(first, n, total int) bool {
+		return first >= 0 && n >= 0 && first < total && n <= total-first
+	}
+	switch {
+	case e.TextPages < 1 || !inside(e.TextPage, e.TextPages, text):
+		return fmt.Errorf("entry %q: text pages %d+%d outside the area's %d", e.Name, e.TextPage, e.TextPages, text)
+	case !inside(e.DataPage, e.DataPages, data):
+		return fmt.Errorf("entry %q: data pages %d+%d outside the area's %d", e.Name, e.DataPage, e.DataPages, data)
+	case e.TextSize == 0 || e.TextSize > uint64(e.TextPages)*pageSize:
+		return fmt.Errorf("entry %q: text of %d bytes in %d pages", e.Name, e.TextSize, e.TextPages)
+	case e.DataSize > uint64(e.DataPages)*pageSize:
+		return fmt.Errorf("entry %q: data of %d bytes in %d pages", e.Name, e.DataSize, e.DataPages)
+	}
+	return nil
 }

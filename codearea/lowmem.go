@@ -217,7 +217,7 @@ func (s *lowScan) pageTables() error {
 	if err := scanKernelTables(k.Mem, k.CR3, k.LA57, k.DirectMapBase, refs, false); err != nil {
 		return fmt.Errorf("codearea: walking the kernel page tables: %w", err)
 	}
-	what := fmt.Sprintf("not referenced by the kernel page tables (%d tables, %d non-direct-map leaves)", len(refs.tables), len(refs.leaves))
+	what := fmt.Sprintf("not referenced by the kernel page tables (%d tables, %d non-direct-map leaves)", len(refs.tables), refs.leafCount)
 	procs := 0
 	if tasks, err := k.Tasks(); err != nil {
 		what += "; process page tables NOT checked: " + err.Error()

@@ -88,11 +88,19 @@ func putU64(v uint64) []byte {
 
 // tableRefs records which guest-physical pages the page tables under one
 // root use, as page tables or as mapped pages (outside the direct map).
+// Only leaves that reach into the first MiB are kept (the only pages
+// references is asked about), once each: a guest's tables may map the same
+// page any number of times, and one table page listing itself in every
+// entry would otherwise collect leaves until memory runs out.
 type tableRefs struct {
-	tables map[uint64]bool // page-table pages
-	leaves []leafRef       // leaf mappings outside the direct map
-	walked int             // page-table pages read
+	tables    map[uint64]bool // page-table pages
+	leaves    []leafRef       // leaf mappings outside the direct map that reach into the first MiB
+	leafSeen  map[leafKey]bool
+	leafCount int // leaf mappings outside the direct map seen, all of them
+	walked    int // page-table pages read
 }
+
+type leafKey struct{ gpa, size uint64 }
 
 type leafRef struct {
 	va, gpa, size uint64
@@ -141,7 +149,7 @@ func scanKernelTables(mem hypervisor.PhysMem, root uint64, la57 bool, directMap 
 				size := uint64(1) << shift
 				gpa := e & pteAddrMask &^ (size - 1)
 				if va-gpa != directMap {
-					refs.leaves = append(refs.leaves, leafRef{va, gpa, size})
+					refs.addLeaf(leafRef{va, gpa, size})
 				}
 				continue
 			}
@@ -155,6 +163,25 @@ func scanKernelTables(mem hypervisor.PhysMem, root uint64, la57 bool, directMap 
 		return nil
 	}
 	return visit(root&pteAddrMask, levels, 0)
+}
+
+// addLeaf records a leaf mapping; only the first of each physical range
+// reaching into the first MiB is kept (at most 256 4 KiB pages and a few
+// large ones).
+func (r *tableRefs) addLeaf(l leafRef) {
+	r.leafCount++
+	if l.gpa >= lowMemEnd {
+		return
+	}
+	k := leafKey{l.gpa, l.size}
+	if r.leafSeen[k] {
+		return
+	}
+	if r.leafSeen == nil {
+		r.leafSeen = map[leafKey]bool{}
+	}
+	r.leafSeen[k] = true
+	r.leaves = append(r.leaves, l)
 }
 
 // references reports why the page at gpa is in use by page tables, or "".

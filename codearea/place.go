@@ -392,6 +392,11 @@ func (a *Area) ReleaseStopped(sg hypervisor.StoppedGuest, name string) error {
 	if !found {
 		return fmt.Errorf("codearea: %q is not in the area", name)
 	}
+	// Entries come from a header in guest memory: check the numbers before
+	// they size a buffer or index the page lists.
+	if err := e.check(len(a.TextPages), len(a.DataPages)); err != nil {
+		return fmt.Errorf("codearea: releasing %s: %w", name, err)
+	}
 	textVA := a.TextVA(e.TextPage)
 	if at := e.Site; at != 0 {
 		var site [5]byte
