@@ -68,8 +68,9 @@ func (g *guest) label() string {
 }
 
 func TestReport(t *testing.T) {
+	testguest.Need(t)
 	ctx := context.Background()
-	conn, err := hypervisor.Connect(ctx, hypervisor.Config{})
+	conn, err := hypervisor.Connect(ctx, hypervisor.Config{Socket: testguest.LibvirtSocket()})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -95,17 +95,48 @@ func (c *Conn) Close() error {
 	}
 }
 
-// dialer remembers the socket it opened so a hung call can be aborted.
+// dialer remembers the socket it opened so a hung connect can be aborted.
+// Dial runs in go-libvirt's goroutine while client may abort from its own:
+// mu orders them, and a socket opened after an abort is closed at once.
 type dialer struct {
 	path    string
 	timeout time.Duration
+
+	mu      sync.Mutex
 	conn    net.Conn
+	aborted bool
 }
 
 func (d *dialer) Dial() (net.Conn, error) {
 	conn, err := net.DialTimeout("unix", d.path, d.timeout)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	if d.aborted {
+		conn.Close()
+		return nil, net.ErrClosed
+	}
 	d.conn = conn
-	return conn, err
+	return conn, nil
+}
+
+// abort closes the socket, now or as soon as it is opened.
+func (d *dialer) abort() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.aborted = true
+	if d.conn != nil {
+		d.conn.Close()
+	}
+}
+
+// socket is the connection Dial opened, nil if none.
+func (d *dialer) socket() net.Conn {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.conn
 }
 
 // client returns a connected client, dialling if there is none or the last
@@ -135,16 +166,14 @@ func (c *Conn) client(ctx context.Context) (*libvirt.Libvirt, error) {
 	select {
 	case err = <-done:
 	case <-ctx.Done():
-		if d.conn != nil {
-			d.conn.Close()
-		}
+		d.abort()
 		<-done
 		err = fmt.Errorf("no answer: %w", ctx.Err())
 	}
 	if err != nil {
 		return nil, fmt.Errorf("connecting to libvirtd at %s (%s): %w", c.cfg.Socket, c.cfg.URI, err)
 	}
-	c.lv, c.sock = lv, d.conn
+	c.lv, c.sock = lv, d.socket()
 	c.dials++
 	return lv, nil
 }

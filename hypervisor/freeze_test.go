@@ -97,8 +97,9 @@ func testFreezers(t *testing.T, lg *liveGuest) {
 	if _, err := fz0Thaw(); err == nil {
 		t.Error("second Thaw succeeded")
 	}
-	time.Sleep(10 * time.Millisecond)
-	if s := threadStates(t, pid, tids); strings.Contains(s, "t") {
+	// Thaw returns once the tracer detached; the threads leave the traced
+	// state as the kernel wakes them.
+	if s := waitUntraced(t, pid, tids); strings.Contains(s, "t") {
 		t.Errorf("after thaw, vCPU threads are in states %q", s)
 	}
 	lg.g.MustRun("echo alive")
@@ -173,13 +174,7 @@ func testFreezeSurvivesKill(t *testing.T, lg *liveGuest) {
 	if !allTraced(frozen) || !allTraced(stillFrozen) {
 		t.Fatalf("helper's freeze did not hold: states %q then %q", frozen, stillFrozen)
 	}
-	var after string
-	for i := 0; i < 100; i++ {
-		if after = threadStates(t, pid, tids); !strings.Contains(after, "t") {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	after := waitUntraced(t, pid, tids)
 	if strings.Contains(after, "t") {
 		t.Fatalf("after the helper was killed the vCPU threads are still in states %q", after)
 	}
@@ -195,3 +190,14 @@ func testFreezeSurvivesKill(t *testing.T, lg *liveGuest) {
 }
 
 func t0ctx() context.Context { return context.Background() }
+
+// waitUntraced polls the vCPU threads' states until none is traced, within
+// a generous safety bound, and returns the last states seen.
+func waitUntraced(t *testing.T, pid int, tids []int) string {
+	var s string
+	for deadline := time.Now().Add(safetyBound); ; time.Sleep(10 * time.Millisecond) {
+		if s = threadStates(t, pid, tids); !strings.Contains(s, "t") || time.Now().After(deadline) {
+			return s
+		}
+	}
+}

@@ -26,10 +26,7 @@ type liveGuest struct {
 
 func startGuest(t *testing.T, opt testguest.Options) *liveGuest {
 	t.Helper()
-	if testing.Short() {
-		t.Skip("boots a guest under libvirt")
-	}
-	g := testguest.Start(t, opt)
+	g := testguest.Start(t, opt) // testguest.Need gates it
 	lg, err := openLive(t, g)
 	if err != nil {
 		t.Fatal(err)
@@ -53,31 +50,19 @@ func openLive(tb testing.TB, g *testguest.Guest) (*liveGuest, error) {
 
 func kernels(t *testing.T) []testguest.Kernel {
 	t.Helper()
-	if testing.Short() {
-		t.Skip("needs the guest kernels")
-	}
+	testguest.Need(t)
 	// Both supported series must be there: a run on fewer kernels must
-	// not pass quietly. kernels.txt is rewritten in place by concurrent
-	// guest builds, so a read can catch it half written: read again.
-	var missing string
-	for try := 0; try < 50; try++ {
-		ks, err := testguest.Kernels()
-		if err != nil {
-			t.Fatal(err)
-		}
-		missing = ""
-		for _, s := range []string{"6.1", "6.12"} {
-			if !slices.ContainsFunc(ks, func(k testguest.Kernel) bool { return k.Series == s }) {
-				missing = fmt.Sprintf("no %s guest kernel among %+v", s, ks)
-			}
-		}
-		if missing == "" {
-			return ks
-		}
-		time.Sleep(100 * time.Millisecond)
+	// not pass quietly. The set is fixed for the run (testguest.Kernels).
+	ks, err := testguest.Kernels()
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Fatal(missing)
-	return nil
+	for _, s := range []string{"6.1", "6.12"} {
+		if !slices.ContainsFunc(ks, func(k testguest.Kernel) bool { return k.Series == s }) {
+			t.Fatalf("no %s guest kernel among %+v", s, ks)
+		}
+	}
+	return ks
 }
 
 // xp reads guest-physical memory with the monitor's own "xp" command: the

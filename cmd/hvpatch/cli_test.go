@@ -86,9 +86,7 @@ func TestCLIErrors(t *testing.T) {
 
 // TestCLI runs "hvpatch domains" and "hvpatch mem read" against a real guest.
 func TestCLI(t *testing.T) {
-	if testing.Short() {
-		t.Skip("boots a guest under libvirt")
-	}
+	testguest.Need(t)
 	k, err := testguest.KernelSeries("6.1")
 	if err != nil {
 		t.Fatal(err)

@@ -17,9 +17,7 @@ import (
 // 6.1 guest and against a memory dump of it, and checks the answers with the
 // guest's own view.
 func TestIntrospectCLI(t *testing.T) {
-	if testing.Short() {
-		t.Skip("boots a guest")
-	}
+	testguest.Need(t)
 	kern, err := testguest.KernelSeries("6.1")
 	if err != nil {
 		t.Fatal(err)

@@ -40,9 +40,7 @@ type freeze struct {
 }
 
 func TestDemo(t *testing.T) {
-	if testing.Short() {
-		t.Skip("boots a guest")
-	}
+	testguest.Need(t)
 	root, err := testguest.RepoRoot()
 	if err != nil {
 		t.Fatal(err)

@@ -13,7 +13,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"text/template"
 	"time"
@@ -64,9 +63,7 @@ var nameCounter struct {
 // cleanup the console is checked: any oops, BUG or panic fails the test.
 func Start(tb testing.TB, opt Options) *Guest {
 	tb.Helper()
-	if testing.Short() {
-		tb.Skip("boots a guest: not run with -short (make unit); make test runs it")
-	}
+	Need(tb)
 	g, err := start(tb, opt)
 	if err != nil {
 		tb.Fatalf("testguest: %v", err)
@@ -376,26 +373,9 @@ func formatUUID(u libvirt.UUID) string {
 	return h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
 }
 
-// removeStaleDomains destroys test domains left by test processes that died
-// without cleaning up (their names carry the owner's pid).
-func removeStaleDomains(lv *libvirt.Libvirt) {
-	doms, _, err := lv.ConnectListAllDomains(1, libvirt.ConnectListDomainsActive)
-	if err != nil {
-		return
-	}
-	for _, d := range doms {
-		var pid, n int
-		if _, err := fmt.Sscanf(d.Name, "hvpt-%d-%d", &pid, &n); err != nil || pid == os.Getpid() {
-			continue
-		}
-		if syscall.Kill(pid, 0) == syscall.ESRCH {
-			lv.DomainDestroy(d)
-		}
-	}
-}
-
 type domainParams struct {
 	Name, Type              string
+	Metadata                string // the owner marker (owner.go)
 	MemoryMiB, VCPUs        int
 	Kernel, Initrd          string
 	Console, Shell, Cmdline string
@@ -405,6 +385,8 @@ type domainParams struct {
 // network, no graphics: the initramfs is the whole system.
 var domainTemplate = template.Must(template.New("domain").Parse(`<domain type='{{.Type}}'>
   <name>{{.Name}}</name>
+  <description>hvpatch test guest (internal/testguest); destroyed by its test process, or by a later test run once that process is gone</description>
+  <metadata>{{.Metadata}}</metadata>
   <memory unit='MiB'>{{.MemoryMiB}}</memory>
   <vcpu>{{.VCPUs}}</vcpu>
   <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>
@@ -430,7 +412,12 @@ func domainXML(p domainParams) (string, error) {
 	if p.Cmdline == "" {
 		p.Cmdline = "console=ttyS0,115200 loglevel=5"
 	}
+	o, err := me()
+	if err != nil {
+		return "", fmt.Errorf("testguest: owner marker: %w", err)
+	}
+	p.Metadata = o.metadata()
 	var b bytes.Buffer
-	err := domainTemplate.Execute(&b, p)
+	err = domainTemplate.Execute(&b, p)
 	return b.String(), err
 }

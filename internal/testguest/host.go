@@ -10,12 +10,15 @@ package testguest
 
 import (
 	"bufio"
+	"errors"
+	"flag"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"testing"
 	"time"
 
 	libvirt "github.com/digitalocean/go-libvirt"
@@ -70,9 +73,47 @@ func CacheDir() (string, error) {
 	return filepath.Join(root, ".cache", "guest"), nil
 }
 
-// prepareHost runs the idempotent host set-up (packages, qemu.conf, daemons)
-// and the guest builder once per test process.
+// Need is the one gate of every test that needs the host's libvirtd or the
+// guest files (kernels, initramfs): with -short (make unit) it skips the
+// test, so that unit runs touch nothing outside the repository; otherwise
+// it prepares the host once per process and fails the test if that fails.
+func Need(tb testing.TB) {
+	tb.Helper()
+	if shortMode() {
+		tb.Skip("needs libvirtd and the test guests: not run with -short (make unit); make test runs it")
+	}
+	if err := prepareHost(); err != nil {
+		tb.Fatal(err)
+	}
+}
+
+// shortMode is testing.Short, also safe in helper processes that run
+// before the testing flags are parsed.
+func shortMode() bool {
+	f := flag.Lookup("test.short")
+	return f != nil && f.Value.String() == "true"
+}
+
+// errShort is what the preparing functions return under -short when the
+// guest files are not built: the test reached for the host without Need.
+var errShort = errors.New("testguest: host set-up and guest builds are not run with -short (gate the test with testguest.Need, or build the guests: make guest)")
+
+// prepareHost makes the host ready once per test process: the host set-up
+// (packages, qemu.conf, daemons) only when libvirtd does not answer (make
+// test runs it before the tests, and a mid-run run could restart libvirtd
+// under other packages' guests), then the guest builder with KEEP_KERNELS=1,
+// so that every package of a run boots the kernel set make guest (or the
+// first builder) chose, never a newer build the archive gained meanwhile.
+//
+// With -short nothing runs: guest files already built in the repository's
+// cache may be read, and without them the answer is errShort.
 func prepareHost() error {
+	if shortMode() {
+		if _, err := readKernels(); err != nil {
+			return errShort
+		}
+		return nil
+	}
 	prepareOnce.Do(func() {
 		root, err := RepoRoot()
 		if err != nil {
@@ -80,9 +121,16 @@ func prepareHost() error {
 			return
 		}
 		repoRoot = root
-		for _, script := range []string{"testdata/host-setup.sh", "testdata/guest/build.sh"} {
+		scripts := []string{"testdata/guest/build.sh"}
+		if l, err := connect(); err == nil {
+			l.Disconnect()
+		} else {
+			scripts = append([]string{"testdata/host-setup.sh"}, scripts...)
+		}
+		for _, script := range scripts {
 			cmd := exec.Command("bash", filepath.Join(root, script))
 			cmd.Dir = root
+			cmd.Env = append(os.Environ(), "KEEP_KERNELS=1")
 			out, err := cmd.CombinedOutput()
 			if err != nil {
 				prepareErr = fmt.Errorf("testguest: %s failed: %v\n%s", script, err, out)
@@ -93,11 +141,23 @@ func prepareHost() error {
 	return prepareErr
 }
 
-// Kernels lists the built guest kernels, building them first if needed.
+var (
+	kernelsOnce sync.Once
+	kernelSet   []Kernel
+	kernelsErr  error
+)
+
+// Kernels lists the built guest kernels, building them first if needed. The
+// list is read once per process: it stays the same for the whole run.
 func Kernels() ([]Kernel, error) {
 	if err := prepareHost(); err != nil {
 		return nil, err
 	}
+	kernelsOnce.Do(func() { kernelSet, kernelsErr = readKernels() })
+	return kernelSet, kernelsErr
+}
+
+func readKernels() ([]Kernel, error) {
 	cache, err := CacheDir()
 	if err != nil {
 		return nil, err

@@ -51,7 +51,7 @@ fetch_kernel() { # SERIES_LABEL PACKAGE [LIST_FILE]
 		cp "$dir.tmp/x/boot/vmlinuz-$release" "$dir.tmp/vmlinuz"
 		cp "$dir.tmp/x/boot/config-$release" "$dir.tmp/config"
 		# The uncompressed kernel image, for offline symbol work: the bzImage
-		# payload is LZ4 (magic 02 21 4c 18).
+		# payload is LZ4 (magic 02 21 4c 18) on 6.1, zstd on 6.12.
 		extract_vmlinux "$dir.tmp/vmlinuz" "$dir.tmp/vmlinux"
 		# Keep a few small modules for module-list tests; drop the rest.
 		mkdir -p "$dir.tmp/modules"
@@ -73,10 +73,13 @@ fetch_kernel() { # SERIES_LABEL PACKAGE [LIST_FILE]
 }
 
 # Pinned older builds for the hot-fix tests (testdata/fixes): the fixes there
-# are upstream stable commits between this build and the newest 6.1, and their
-# diffs apply to exactly this build's source (linux-source-6.1 6.1.170-3).
-# "<label>:<package>" pairs.
-FIX_KERNELS=${FIX_KERNELS:-"6.1-fix:linux-image-6.1.0-47-cloud-amd64"}
+# are upstream stable commits between such a build and the newest build of its
+# series, and their diffs apply to exactly that build's source:
+#   6.1-fix   6.1.0-47            linux-source-6.1 6.1.170-3     testdata/fixes/*.diff
+#   6.12-fix  6.12.107+deb12      linux-source-6.12 6.12.107-1~deb12u1  testdata/fixes/6.12/*.diff
+# "<label>:<package>" pairs, written to fix-kernels.txt in this order (the
+# 6.1 one first; testguest.FixKernel returns the "6.1-fix" one).
+FIX_KERNELS=${FIX_KERNELS:-"6.1-fix:linux-image-6.1.0-47-cloud-amd64 6.12-fix:linux-image-6.12.107+deb12-cloud-amd64"}
 
 # fetch_fix_kernels writes fix-kernels.txt. A pinned build that has aged out of
 # the archive is reported, not fatal: the other kernels still build, and
@@ -95,8 +98,8 @@ fetch_fix_kernels() {
 		if [ -z "$(apt-cache show "$pkg" 2>/dev/null | head -n 1)" ] &&
 			[ -z "$(apt-cache show "$pkg-unsigned" 2>/dev/null | head -n 1)" ]; then
 			log "WARNING: pinned fix kernel $pkg ($label) is no longer in the apt archive;"
-			log "WARNING: the hot-fix tests cannot run. Pick a served older 6.1 build (apt-cache madison),"
-			log "WARNING: rebase testdata/fixes/*.diff onto its linux-source-6.1 and update FIX_KERNELS in $0"
+			log "WARNING: the hot-fix tests cannot run. Pick a served older build of the series (apt-cache madison),"
+			log "WARNING: rebase its diffs in testdata/fixes onto that build's linux-source and update FIX_KERNELS in $0"
 			continue
 		fi
 		# A failed download must not stop the build of the other kernels:
