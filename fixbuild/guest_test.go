@@ -1,7 +1,11 @@
 package fixbuild
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -10,6 +14,8 @@ import (
 
 	"github.com/hvpatch/hvpatch/internal/testguest"
 	"github.com/hvpatch/hvpatch/internal/testkernel"
+	"github.com/hvpatch/hvpatch/ksource"
+	"github.com/hvpatch/hvpatch/objdiff"
 	"github.com/hvpatch/hvpatch/patcher"
 )
 
@@ -58,15 +64,22 @@ func logSteps(t *testing.T, res *Result) {
 }
 
 // TestGuestBuildVersion builds a small made-up fix of fs/proc/version.c for
-// the 6.1 test guest, applies the bundle and reverts it.
+// each test guest (6.1; 6.12 with IBT and call padding), applies the bundle
+// and reverts it.
 func TestGuestBuildVersion(t *testing.T) {
 	if testing.Short() {
 		t.Skip("boots a guest and compiles kernel code")
 	}
-	k, err := testguest.KernelSeries("6.1")
+	ks, err := testguest.Kernels()
 	if err != nil {
 		t.Fatal(err)
 	}
+	for _, k := range ks {
+		t.Run(k.Series, func(t *testing.T) { testBuildVersion(t, k) })
+	}
+}
+
+func testBuildVersion(t *testing.T, k testguest.Kernel) {
 	lf := startFix(t, k)
 	res, err := lf.build(t, "testdata/version-marker.diff")
 	if err != nil {
@@ -185,5 +198,110 @@ func TestGuestBuildFixes(t *testing.T) {
 				t.Fatal(err)
 			}
 		})
+	}
+}
+
+// memHash hashes the guest's kernel text and first MiB (the code area):
+// a refused build must leave both as they were.
+func (lf *liveFix) memHash(t *testing.T) string {
+	t.Helper()
+	k := lf.live.Kernel
+	text, err := k.Symbols.Addr("_stext")
+	if err != nil {
+		t.Fatal(err)
+	}
+	etext, err := k.Symbols.Addr("_etext")
+	if err != nil || etext <= text {
+		t.Fatalf("_etext: %v", err)
+	}
+	h := sha256.New()
+	buf := make([]byte, etext-text)
+	if err := k.AS.ReadVirt(text, buf); err != nil {
+		t.Fatal(err)
+	}
+	h.Write(buf)
+	low := make([]byte, 1<<20)
+	if err := lf.live.Mem.ReadPhys(0, low); err != nil {
+		t.Fatal(err)
+	}
+	h.Write(low)
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// vmlinuxBanner reads the Linux banner out of a kernel image file.
+func vmlinuxBanner(t *testing.T, k testguest.Kernel) string {
+	t.Helper()
+	b, err := os.ReadFile(k.Vmlinux())
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := bytes.Index(b, []byte("Linux version "+k.Release+" "))
+	if i < 0 {
+		t.Fatalf("no banner for %s in %s", k.Release, k.Vmlinux())
+	}
+	end := bytes.IndexByte(b[i:], '\n')
+	return string(b[i : i+end])
+}
+
+// TestGuestBuildRefusals: fixes a hot patch cannot carry, and a source tree
+// that is not the guest's build, are refused with the reason; nothing is
+// written to the guest.
+func TestGuestBuildRefusals(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots a guest and compiles kernel code")
+	}
+	k, err := testguest.FixKernel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	lf := startFix(t, k)
+	before := lf.memHash(t)
+	root, err := testguest.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct{ name, diff, want string }{
+		{"struct field", filepath.Join(root, "testdata/fixes/refuse/struct-field.diff"), "struct timerfd_ctx: size"},
+		{"header only", filepath.Join(root, "testdata/fixes/refuse/header-only.diff"), "changes a header"},
+		{"init code", filepath.Join(root, "testdata/fixes/refuse/init-function.diff"), "fcntl_init: the fix changes __init"},
+	}
+	for _, c := range cases {
+		_, err := lf.build(t, c.diff)
+		var r *RefusedError
+		if !errors.As(err, &r) || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: got %v, want a refusal naming %q", c.name, err, c.want)
+		} else {
+			t.Logf("%s: %v", c.name, err)
+		}
+	}
+
+	// The newest 6.1 build's source against this older guest: the fix
+	// applies, but the compiled code is not what the guest runs.
+	newer, err := testguest.KernelSeries("6.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := ksource.ParseBanner(vmlinuxBanner(t, newer))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tree, err := ksource.Prepare(context.Background(), b, ksource.Options{Progress: func(m string) { t.Log(m) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	diff, err := os.ReadFile("testdata/sock-comment.diff")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = Build(context.Background(), lf.gk, diff, Options{OutDir: t.TempDir(), Source: tree.Dir})
+	var r *RefusedError
+	var mm *objdiff.MismatchError
+	if !errors.As(err, &r) || !errors.As(err, &mm) || !strings.Contains(err.Error(), "differs from the guest's copy") {
+		t.Errorf("wrong build: got %v, want a refusal naming the first differing function", err)
+	} else {
+		t.Logf("wrong build: %v", err)
+	}
+	if after := lf.memHash(t); after != before {
+		t.Fatal("guest kernel text or first MiB changed during refused builds")
 	}
 }

@@ -91,7 +91,9 @@ func Diff(before, after *kobj.File) (*Change, error) {
 func funcsByName(f *kobj.File) map[string]*kobj.Symbol {
 	out := map[string]*kobj.Symbol{}
 	for _, s := range f.Functions() {
-		if isText(s.Section) && s.Size > 0 {
+		// __pfx_ symbols are the padding before a function (call padding):
+		// they come and go with their function.
+		if isText(s.Section) && s.Size > 0 && !strings.HasPrefix(s.Name, "__pfx_") {
 			out[s.Name] = s
 		}
 	}

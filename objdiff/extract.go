@@ -76,7 +76,7 @@ func (x *extractor) run() (*Extracted, error) {
 		if fn == nil {
 			return nil, fmt.Errorf("function %s is not in the fixed object", name)
 		}
-		if len(after.SymbolsIn(fn.Section)) == 0 || fn.Value != 0 {
+		if fn.Value != 0 && !(fn.Value == 16 && after.Symbol("__pfx_"+name) != nil && after.Symbol("__pfx_"+name).Section == fn.Section) {
 			return nil, fmt.Errorf("function %s does not have a section of its own (compile with -ffunction-sections)", name)
 		}
 		add(fn.Section)
@@ -144,14 +144,13 @@ func (x *extractor) follow(from *kobj.Section, r *kobj.Reloc, add func(*kobj.Sec
 			add(sec)
 			return nil
 		}
-		named := x.in.After.SymbolsIn(sec)
-		if isText(sec) && len(named) > 0 && strings.Contains(named[0].Name, ".cold") {
+		target := meant(x.in.After, r)
+		if target == nil {
+			return fmt.Errorf("code in %s refers to %s%+#x, which holds %d symbols; cannot tell which one the guest has", from.Name, sec.Name, r.Addend, len(x.in.After.SymbolsIn(sec)))
+		}
+		if isText(sec) && strings.Contains(target.Name, ".cold") {
 			add(sec) // the cold part of a function that comes along
 			return nil
-		}
-		target := soleSymbol(named)
-		if target == nil {
-			return fmt.Errorf("code in %s refers to %s+%#x, which holds %d symbols; cannot tell which one the guest has", from.Name, sec.Name, r.Addend, len(named))
 		}
 		return x.external(target, from)
 	}
@@ -442,13 +441,6 @@ func (x *extractor) write(specials []*kobj.Section) (*Extracted, error) {
 		if u, ok := x.ext[s]; ok {
 			return u, nil
 		}
-		if s.Type == elf.STT_SECTION && s.Section != nil {
-			if t := soleSymbol(after.SymbolsIn(s.Section)); t != nil {
-				if u, ok := x.ext[t]; ok {
-					return u, nil
-				}
-			}
-		}
 		return nil, fmt.Errorf("symbol %s is neither included nor resolved", s.Name)
 	}
 	relocate := func(dst *kobj.Section, rs []*kobj.Reloc) error {
@@ -461,17 +453,25 @@ func (x *extractor) write(specials []*kobj.Section) (*Extracted, error) {
 					}
 					continue
 				}
-				s, err := mapSym(r.Sym)
-				if err != nil {
-					return fmt.Errorf("relocation in %s at %#x: %w", dst.Name, r.Offset, err)
-				}
-				if r.Sym.Type == elf.STT_SECTION && s.Type != elf.STT_SECTION {
-					// Section-relative became symbol-relative.
-					if t := soleSymbol(after.SymbolsIn(r.Sym.Section)); t != nil {
+				from := r.Sym
+				if c, ok := symMap[from]; ok {
+					nr.Sym = c
+				} else {
+					if from.Type == elf.STT_SECTION {
+						// Section-relative becomes symbol-relative.
+						t := meant(after, r)
+						if t == nil {
+							return fmt.Errorf("relocation in %s at %#x: no symbol in %s at that offset", dst.Name, r.Offset, from.Name)
+						}
 						nr.Addend -= int64(t.Value)
+						from = t
 					}
+					s, err := mapSym(from)
+					if err != nil {
+						return fmt.Errorf("relocation in %s at %#x: %w", dst.Name, r.Offset, err)
+					}
+					nr.Sym = s
 				}
-				nr.Sym = s
 			}
 			dst.Relocs = append(dst.Relocs, &nr)
 		}
@@ -530,4 +530,33 @@ func ordinarySection(s *kobj.Section) bool {
 		}
 	}
 	return false
+}
+
+// meant finds the symbol a section-relative relocation refers to: the one
+// covering the place it points at (for a PC-relative field, 4 bytes past
+// the addend, as a call or RIP-relative operand ends there), else the
+// section's only symbol at offset 0. With call padding a function sits 16
+// bytes into its section, after its __pfx_ symbol, so "offset 0" is not
+// enough.
+func meant(f *kobj.File, r *kobj.Reloc) *kobj.Symbol {
+	sec := r.Sym.Section
+	off := int64(r.Sym.Value) + r.Addend
+	if r.Type == elf.R_X86_64_PC32 || r.Type == elf.R_X86_64_PLT32 {
+		off += 4
+	}
+	var best *kobj.Symbol
+	for _, s := range f.SymbolsIn(sec) {
+		if strings.HasPrefix(s.Name, "__pfx_") && off >= int64(s.Value+s.Size) {
+			continue
+		}
+		if int64(s.Value) <= off && off < int64(s.Value+max(s.Size, 1)) {
+			if best == nil || s.Value > best.Value {
+				best = s
+			}
+		}
+	}
+	if best != nil {
+		return best
+	}
+	return soleSymbol(f.SymbolsIn(sec))
 }
