@@ -57,7 +57,7 @@ type PatchFile struct {
 //	GET  /v1/domains/{domain}/ps
 //	GET  /v1/domains/{domain}/lsmod
 //	GET  /v1/domains/{domain}/status
-//	POST /v1/domains/{domain}/apply   (ApplyRequest)
+//	POST /v1/domains/{domain}/apply   (ApplyRequest: patch file, signature, objects)
 //	POST /v1/domains/{domain}/revert  (RevertRequest)
 //	GET  /metrics
 func (d *Daemon) Handler() http.Handler {
@@ -165,7 +165,7 @@ func (d *Daemon) Handler() http.Handler {
 	})
 	mux.HandleFunc("POST "+APIVersion+"/domains/{domain}/apply", func(w http.ResponseWriter, r *http.Request) {
 		var req ApplyRequest
-		if err := decodeBody(r, &req); err != nil {
+		if err := decodeBodyMax(w, r, &req, maxApplyBody); err != nil {
 			reply(w, nil, err)
 			return
 		}
@@ -223,6 +223,31 @@ func (d *Daemon) apiApply(ctx context.Context, domain string, req ApplyRequest) 
 	if err != nil {
 		return service.PatchResult{}, badRequest(fmt.Errorf("patch file %s: %w", name, err))
 	}
+	// The objects come with the request, checked against the pins of the
+	// (verified) patch file; nothing resolves against this process's
+	// working directory.
+	if d.cfg.Signing.RequireSigned {
+		if err := requirePinned(p); err != nil {
+			d.metrics.Failures.WithLabelValues("signature").Inc()
+			return service.PatchResult{}, forbidden(fmt.Errorf("%s: %w", name, err))
+		}
+	}
+	objs, err := checkObjects(p, req.Objects)
+	if err != nil {
+		var oe *objectError
+		if errors.As(err, &oe) && oe.mismatch && keyID != "" {
+			d.metrics.Failures.WithLabelValues("signature").Inc()
+			return service.PatchResult{}, forbidden(fmt.Errorf("%s: %w", name, err))
+		}
+		return service.PatchResult{}, badRequest(fmt.Errorf("%s: %w", name, err))
+	}
+	if len(objs) > 0 {
+		dir, err := stageObjects(d.cfg.StateDir, p, objs)
+		if err != nil {
+			return service.PatchResult{}, fmt.Errorf("%s: keeping the objects for the apply: %w", name, err)
+		}
+		defer os.RemoveAll(dir)
+	}
 	dom, err := d.lookup(ctx, domain)
 	if err != nil {
 		return service.PatchResult{}, err
@@ -272,6 +297,21 @@ func decodeBody(r *http.Request, v any) error {
 	dec := json.NewDecoder(io.LimitReader(r.Body, 4<<20))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
+		return badRequest(fmt.Errorf("request body: %w", err))
+	}
+	return nil
+}
+
+// decodeBodyMax is decodeBody for a body of at most limit bytes; a larger
+// one is refused as such (413), not as malformed JSON.
+func decodeBodyMax(w http.ResponseWriter, r *http.Request, v any, limit int64) error {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, limit))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			return &statusError{http.StatusRequestEntityTooLarge, fmt.Errorf("request body: more than %d MiB (an object may be %d MiB, all objects %d MiB)", limit>>20, MaxObjectBytes>>20, MaxObjectsBytes>>20)}
+		}
 		return badRequest(fmt.Errorf("request body: %w", err))
 	}
 	return nil

@@ -124,6 +124,12 @@ func loadCatalog(dir string, kr patchsign.Keyring, requireSigned bool) ([]*Decla
 			continue
 		}
 		d.Patch.Dir = dir // replace edits name their objects relative to the file
+		if requireSigned {
+			if err := requirePinned(d.Patch); err != nil {
+				d.Err, d.Unsigned = fmt.Errorf("patch file %s: %w", d.File, err), true
+				continue
+			}
+		}
 		if other, dup := ids[d.Patch.ID]; dup {
 			d.Err = fmt.Errorf("patch file %s: id %s is already declared by %s", d.File, d.Patch.ID, other)
 			continue

@@ -7,11 +7,17 @@ const APIVersion = "/v1"
 type ApplyRequest struct {
 	// Patch is the patch file's contents, Signature its .sig file's (empty
 	// when unsigned). File names the patch in messages.
-	Patch      string `json:"patch"`
-	Signature  string `json:"signature,omitempty"`
-	File       string `json:"file,omitempty"`
-	DryRun     bool   `json:"dry_run,omitempty"`
-	RIPChecked bool   `json:"rip_checked,omitempty"`
+	Patch     string `json:"patch"`
+	Signature string `json:"signature,omitempty"`
+	File      string `json:"file,omitempty"`
+	// Objects carries the objects the patch's replace edits link: the
+	// object path as the edits write it (relative to the patch file) ->
+	// the file's bytes in standard base64. hvpatchd reads no path of a
+	// request: a replace edit whose object is not here is refused, and
+	// each object must match the patch file's objects: SHA-256 pin.
+	Objects    map[string]string `json:"objects,omitempty"`
+	DryRun     bool              `json:"dry_run,omitempty"`
+	RIPChecked bool              `json:"rip_checked,omitempty"`
 }
 
 // RevertRequest is the body of POST /v1/domains/{domain}/revert.

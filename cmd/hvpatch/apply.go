@@ -83,7 +83,7 @@ func newApplyCmd(a *app) *cobra.Command {
 		Short: "Apply a patch file to a running domain's kernel",
 		Long: "Plans the patch against guest memory (symbols, expected bytes, instruction boundaries),\n" +
 			"then writes every edit inside one freeze of the guest and reads it back. --dry-run prints the plan only.\n" +
-			"Goes through hvpatchd when it serves (the file's signature, FILE.sig, is sent along).",
+			"Goes through hvpatchd when it serves (the file's signature, FILE.sig, and the objects its replace edits link are sent along).",
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()

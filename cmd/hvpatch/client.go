@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,10 +12,12 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"path/filepath"
 	"syscall"
 	"time"
 
 	"github.com/hvpatch/hvpatch/introspect"
+	"github.com/hvpatch/hvpatch/patcher"
 	"github.com/hvpatch/hvpatch/patchsign"
 	"github.com/hvpatch/hvpatch/service"
 	"github.com/spf13/cobra"
@@ -151,11 +154,43 @@ func (a *app) DaemonApply(ctx context.Context, domain, file string, dryRun, ripC
 	if sig, err := os.ReadFile(file + patchsign.SignatureSuffix); err == nil {
 		req.Signature = string(sig)
 	}
+	if req.Objects, err = patchObjects(file, data); err != nil {
+		return nil, true, err
+	}
 	var out service.PatchResult
 	if err := c.do(ctx, http.MethodPost, domainPath(domain, "apply"), nil, req, &out); err != nil {
 		return nil, true, err
 	}
 	return &out, true, nil
+}
+
+// patchObjects reads the objects the patch's replace edits link, for the
+// daemon (which reads no path of a request). A patch that does not parse
+// is sent as it is: the daemon's answer says why.
+func patchObjects(file string, data []byte) (map[string]string, error) {
+	p, err := patcher.ParsePatch(data)
+	if err != nil {
+		return nil, nil
+	}
+	p.Dir = filepath.Dir(file)
+	var out map[string]string
+	for _, e := range p.Edits {
+		if e.Kind != patcher.KindReplace {
+			continue
+		}
+		if _, done := out[e.Object]; done {
+			continue
+		}
+		b, err := os.ReadFile(p.ObjectPath(&e))
+		if err != nil {
+			return nil, fmt.Errorf("patch file %s: object of %s: %w", file, e.String(), err)
+		}
+		if out == nil {
+			out = map[string]string{}
+		}
+		out[e.Object] = base64.StdEncoding.EncodeToString(b)
+	}
+	return out, nil
 }
 
 // DaemonRevert is DaemonApply for a revert.
