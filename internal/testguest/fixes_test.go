@@ -100,9 +100,7 @@ func fixNamesIn(t *testing.T, sub string, min int) []string {
 // on the pinned 6.12 build and the newest 6.12. Boots four guests, one after
 // the other.
 func TestFixReproducers(t *testing.T) {
-	if testing.Short() {
-		t.Skip("boots guests: not run with -short (make unit); make test runs it")
-	}
+	Need(t)
 	names := fixNames(t)
 	names612 := fixNamesIn(t, "6.12", 1)
 	old, err := FixKernel()
