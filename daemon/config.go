@@ -6,10 +6,12 @@ package daemon
 import (
 	"fmt"
 	"os"
+	"reflect"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/go-viper/mapstructure/v2"
 	"github.com/hvpatch/hvpatch/hypervisor"
 	"github.com/spf13/pflag"
 	"github.com/spf13/viper"
@@ -128,11 +130,35 @@ func LoadConfig(fs *pflag.FlagSet) (*Config, error) {
 		}
 	}
 	var cfg Config
-	if err := v.UnmarshalExact(&cfg); err != nil {
+	hook := viper.DecodeHook(mapstructure.ComposeDecodeHookFunc(durationHook, mapstructure.StringToSliceHookFunc(",")))
+	if err := v.UnmarshalExact(&cfg, hook); err != nil {
 		return nil, fmt.Errorf("configuration %s: %w", path, err)
 	}
 	return &cfg, cfg.Validate()
 }
+
+// durationHook decodes durations strictly: a string with units ("30s",
+// "10m"); a bare number is refused (interval: 30 once meant 30 ns).
+func durationHook(from, to reflect.Type, data any) (any, error) {
+	if to != reflect.TypeOf(time.Duration(0)) || from == to {
+		return data, nil
+	}
+	if from.Kind() != reflect.String {
+		return nil, fmt.Errorf("duration %v needs a unit, e.g. \"%vs\" or \"%vm\"", data, data, data)
+	}
+	d, err := time.ParseDuration(data.(string))
+	if err != nil {
+		return nil, fmt.Errorf("duration %q: want a number with a unit, e.g. 30s, 10m (%w)", data, err)
+	}
+	return d, nil
+}
+
+// Minimums of the durations: below them the daemon would poll libvirtd or
+// retry in a tight loop.
+const (
+	minInterval       = time.Second
+	minLibvirtTimeout = 100 * time.Millisecond
+)
 
 func unwrapPathError(err error) error {
 	if pe, ok := err.(*os.PathError); ok {
@@ -177,11 +203,14 @@ func (c *Config) Validate() error {
 	if tcp.Addr != "" && (tcp.CertFile == "" || tcp.KeyFile == "" || tcp.ClientCAFile == "") {
 		return fmt.Errorf("api.tcp.addr %s needs cert_file, key_file and client_ca_file: the TCP API only serves clients with certificates", tcp.Addr)
 	}
-	if c.Reconcile.Interval <= 0 || c.Reconcile.MaxBackoff < c.Reconcile.Interval {
-		return fmt.Errorf("reconcile.interval must be positive and reconcile.max_backoff at least as long")
+	if c.Reconcile.Interval < minInterval {
+		return fmt.Errorf("reconcile.interval %v: want at least %v", c.Reconcile.Interval, minInterval)
 	}
-	if c.Libvirt.Timeout <= 0 {
-		return fmt.Errorf("libvirt.timeout must be positive")
+	if c.Reconcile.MaxBackoff < c.Reconcile.Interval {
+		return fmt.Errorf("reconcile.max_backoff %v: want at least reconcile.interval (%v)", c.Reconcile.MaxBackoff, c.Reconcile.Interval)
+	}
+	if c.Libvirt.Timeout < minLibvirtTimeout {
+		return fmt.Errorf("libvirt.timeout %v: want at least %v", c.Libvirt.Timeout, minLibvirtTimeout)
 	}
 	return nil
 }

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -16,21 +17,9 @@ import (
 )
 
 func main() {
-	fs := pflag.NewFlagSet("hvpatchd", pflag.ContinueOnError)
-	daemon.Flags(fs)
-	fs.Usage = func() {
-		fmt.Fprintf(os.Stderr, "Usage: hvpatchd [flags]\n\nKeeps the patches of the patch directory applied to the guests they select,\nand serves hvpatch's API. Flags override HVPATCHD_* environment variables,\nwhich override the configuration file.\n\n%s", fs.FlagUsages())
-	}
-	if err := fs.Parse(os.Args[1:]); err != nil {
-		if errors.Is(err, pflag.ErrHelp) {
-			os.Exit(0)
-		}
-		os.Exit(2)
-	}
-	cfg, err := daemon.LoadConfig(fs)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "hvpatchd:", err)
-		os.Exit(2)
+	cfg, code := parseArgs(os.Args[1:], os.Stderr)
+	if cfg == nil {
+		os.Exit(code)
 	}
 	log := newLogger(cfg)
 	// SIGTERM/SIGINT cancel ctx: Run stops accepting and returns once the
@@ -46,6 +35,35 @@ func main() {
 		log.Error("serving", "err", err)
 		os.Exit(1)
 	}
+}
+
+// parseArgs reads the flags and the configuration. It returns nil and the
+// exit status when hvpatchd must not start (--help: 0; a bad flag, argument
+// or setting: 2, after saying why on stderr).
+func parseArgs(args []string, stderr io.Writer) (*daemon.Config, int) {
+	fs := pflag.NewFlagSet("hvpatchd", pflag.ContinueOnError)
+	fs.SetOutput(stderr)
+	daemon.Flags(fs)
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: hvpatchd [flags]\n\nKeeps the patches of the patch directory applied to the guests they select,\nand serves hvpatch's API. Flags override HVPATCHD_* environment variables,\nwhich override the configuration file.\n\n%s", fs.FlagUsages())
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return nil, 0
+		}
+		fmt.Fprintf(stderr, "hvpatchd: %v (hvpatchd --help lists the flags)\n", err)
+		return nil, 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "hvpatchd: unexpected argument %q: hvpatchd takes only flags (hvpatchd --help lists them)\n", fs.Arg(0))
+		return nil, 2
+	}
+	cfg, err := daemon.LoadConfig(fs)
+	if err != nil {
+		fmt.Fprintln(stderr, "hvpatchd:", err)
+		return nil, 2
+	}
+	return cfg, 0
 }
 
 func newLogger(cfg *daemon.Config) *slog.Logger {
