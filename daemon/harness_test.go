@@ -249,11 +249,20 @@ func (td *testDaemon) metric(sample string) (float64, error) {
 	return 0, fmt.Errorf("no metric sample %s", sample)
 }
 
-// cli runs the hvpatch binary with args; uid 0 unless asUser is set.
+// cli runs the hvpatch binary with args; uid 0 unless asUser is set. The
+// CLI gets a clean environment (HVPATCH_STATE_DIR is passed on when the
+// test sets it) and a private daemon socket where nothing serves, so it
+// never reaches an hvpatchd of the host; args may name another socket
+// (--daemon-socket, the last one given wins).
 func cli(t *testing.T, asUser *syscall.Credential, args ...string) (stdout, stderr string, code int) {
 	t.Helper()
 	_, bin := binaries(t)
-	cmd := exec.Command(bin, append([]string{"--socket", testguest.LibvirtSocket()}, args...)...)
+	noDaemon := filepath.Join(t.TempDir(), "no-hvpatchd.sock")
+	cmd := exec.Command(bin, append([]string{"--socket", testguest.LibvirtSocket(), "--daemon-socket", noDaemon}, args...)...)
+	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=" + t.TempDir(), "LANG=C"}
+	if s := os.Getenv("HVPATCH_STATE_DIR"); s != "" {
+		cmd.Env = append(cmd.Env, "HVPATCH_STATE_DIR="+s)
+	}
 	if asUser != nil {
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: asUser}
 		cmd.Env = []string{"PATH=/usr/bin:/bin"}

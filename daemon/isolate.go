@@ -41,6 +41,7 @@ func isolate(f func() error) (err error) {
 // safePass is pass under isolate: a panic marks the domain failed and the
 // next pass comes after a backoff.
 func (dom *domain) safePass(force bool) time.Duration {
+	defer dom.d.metrics.Passes.Inc()
 	var next time.Duration
 	err := isolate(func() error { next = dom.pass(force); return nil })
 	if gp, ok := err.(*guestPanic); ok {

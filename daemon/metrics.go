@@ -15,6 +15,7 @@ type Metrics struct {
 	Failures     *prometheus.CounterVec // by reason
 	FreezeWindow *prometheus.HistogramVec
 	Domains      *prometheus.GaugeVec // by state: patched, pending, failing, unpatched
+	Passes       prometheus.Counter   // reconcile passes over all domains
 }
 
 // NewMetrics registers every metric.
@@ -40,8 +41,11 @@ func NewMetrics() *Metrics {
 		Domains: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "hvpatch_domains", Help: "Domains by patch state.",
 		}, []string{"state"}),
+		Passes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "hvpatch_reconcile_passes_total", Help: "Reconcile passes over all domains (finished or failed).",
+		}),
 	}
-	m.Registry.MustRegister(m.Applies, m.Reverts, m.Failures, m.FreezeWindow, m.Domains,
+	m.Registry.MustRegister(m.Applies, m.Reverts, m.Failures, m.FreezeWindow, m.Domains, m.Passes,
 		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	return m
 }
