@@ -28,10 +28,14 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
+// runCLI runs the CLI with a clean environment and a private daemon socket
+// where nothing serves (args may name another: the last --daemon-socket
+// wins), so it never reaches an hvpatchd serving on the host.
 func runCLI(t *testing.T, args ...string) (stdout, stderr string, code int) {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], append([]string{"--socket", testguest.LibvirtSocket()}, args...)...)
-	cmd.Env = append(os.Environ(), "HVPATCH_CLI_UNDER_TEST=1")
+	noDaemon := filepath.Join(t.TempDir(), "no-hvpatchd.sock")
+	cmd := exec.Command(os.Args[0], append([]string{"--socket", testguest.LibvirtSocket(), "--daemon-socket", noDaemon}, args...)...)
+	cmd.Env = []string{"HVPATCH_CLI_UNDER_TEST=1", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=" + t.TempDir(), "LANG=C"}
 	var o, e bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &o, &e
 	err := cmd.Run()

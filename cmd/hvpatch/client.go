@@ -62,14 +62,44 @@ func (a *app) daemon() (*daemonClient, error) {
 	}
 	c.Close()
 	path := a.daemonSocket
-	a.client = &daemonClient{socket: path, hc: &http.Client{Transport: &http.Transport{
+	timeout := a.daemonTimeout
+	if timeout <= 0 {
+		timeout = defaultDaemonTimeout
+	}
+	// Every request is bounded as a whole (a daemon that accepts and never
+	// answers, or stops answering half-way, must not hang the CLI).
+	client := &daemonClient{socket: path, hc: &http.Client{Timeout: timeout, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
+			d := net.Dialer{Timeout: daemonDialTimeout}
 			return d.DialContext(ctx, "unix", path)
 		},
+		ResponseHeaderTimeout: timeout,
 	}}}
+	// A daemon that is there but does not answer (stopped, wedged) is
+	// found out quickly, before a long request is sent.
+	ctx, cancel := context.WithTimeout(context.Background(), min(timeout, daemonHealthTimeout))
+	defer cancel()
+	var h struct {
+		PID int `json:"pid"`
+	}
+	if err := client.get(ctx, "/health", nil, &h); err != nil {
+		if ctx.Err() != nil || errors.Is(err, os.ErrDeadlineExceeded) {
+			return nil, fmt.Errorf("hvpatchd at %s does not answer within %v (--standalone runs without the daemon)", path, min(timeout, daemonHealthTimeout))
+		}
+		return nil, err
+	}
+	a.client = client
 	return a.client, nil
 }
+
+// Bounds of the CLI's talk with hvpatchd. A request may take as long as
+// the daemon's own operation bound (2 minutes) plus a margin; --daemon-timeout
+// changes it.
+const (
+	daemonDialTimeout    = 5 * time.Second
+	daemonHealthTimeout  = 10 * time.Second
+	defaultDaemonTimeout = 3 * time.Minute
+)
 
 func (c *daemonClient) do(ctx context.Context, method, path string, q url.Values, body, out any) error {
 	u := "http://hvpatchd" + service.APIVersion + path

@@ -17,8 +17,9 @@ type app struct {
 
 	// daemonSocket is hvpatchd's API socket; commands go through the
 	// daemon when it serves there, unless standalone is set.
-	daemonSocket string
-	standalone   bool
+	daemonSocket  string
+	daemonTimeout time.Duration
+	standalone    bool
 
 	out    *Output
 	conn   *hypervisor.Conn
@@ -55,6 +56,7 @@ func newRootCmd() *cobra.Command {
 	pf.DurationVar(&a.timeout, "timeout", hypervisor.DefaultTimeout, "bound on each libvirt call")
 	pf.BoolVar(&a.json, "json", false, "print JSON instead of text")
 	pf.StringVar(&a.daemonSocket, "daemon-socket", daemonSocketDefault(), "hvpatchd's API socket (env HVPATCH_DAEMON_SOCKET); used when a daemon serves there")
+	pf.DurationVar(&a.daemonTimeout, "daemon-timeout", defaultDaemonTimeout, "bound on each request to hvpatchd (a daemon that does not answer its health check within 10 s is an error at once)")
 	pf.BoolVar(&a.standalone, "standalone", false, "do not use hvpatchd even when it runs: reach libvirt and guest memory directly")
 	for _, f := range commands {
 		root.AddCommand(f(a))
