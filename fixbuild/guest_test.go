@@ -67,9 +67,7 @@ func logSteps(t *testing.T, res *Result) {
 // each test guest (6.1; 6.12 with IBT and call padding), applies the bundle
 // and reverts it.
 func TestGuestBuildVersion(t *testing.T) {
-	if testing.Short() {
-		t.Skip("boots a guest and compiles kernel code")
-	}
+	testguest.Need(t)
 	ks, err := testguest.Kernels()
 	if err != nil {
 		t.Fatal(err)
@@ -115,29 +113,31 @@ func testBuildVersion(t *testing.T, k testguest.Kernel) {
 
 // fixNames lists the upstream fixes in testdata/fixes: each has a
 // reproducer /bin/repro-NAME in the guest that prints VULNERABLE or FIXED.
-func fixNames(t *testing.T) []string {
+// The 6.1 fixes are diffs against the 6.1-fix kernel's source in
+// testdata/fixes; those for the 6.12-fix kernel in testdata/fixes/6.12.
+func fixDir(t *testing.T, k testguest.Kernel) string {
 	t.Helper()
 	root, err := testguest.RepoRoot()
 	if err != nil {
 		t.Fatal(err)
 	}
-	diffs, err := filepath.Glob(filepath.Join(root, "testdata", "fixes", "*.diff"))
-	if err != nil || len(diffs) < 4 {
-		t.Fatalf("want at least four fixes in testdata/fixes: %v %v", diffs, err)
+	if k.Series == "6.1-fix" {
+		return filepath.Join(root, "testdata", "fixes")
+	}
+	return filepath.Join(root, "testdata", "fixes", strings.TrimSuffix(k.Series, "-fix"))
+}
+
+func fixNames(t *testing.T, dir string, min int) []string {
+	t.Helper()
+	diffs, err := filepath.Glob(filepath.Join(dir, "*.diff"))
+	if err != nil || len(diffs) < min {
+		t.Fatalf("want at least %d fixes in %s: %v %v", min, dir, diffs, err)
 	}
 	var out []string
 	for _, d := range diffs {
 		out = append(out, strings.TrimSuffix(filepath.Base(d), ".diff"))
 	}
 	return out
-}
-
-func fixDiff(t *testing.T, name string) string {
-	root, err := testguest.RepoRoot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return filepath.Join(root, "testdata", "fixes", name+".diff")
 }
 
 // reproduce runs a fix's reproducer and returns VULNERABLE or FIXED.
@@ -150,22 +150,39 @@ func (lf *liveFix) reproduce(t *testing.T, name string) string {
 	return strings.TrimSpace(out)
 }
 
+// fixSpecials says which fixes' changed functions contain a jump label or
+// a WARN (after inlining; testdata/fixes/README.md), so the test checks
+// that the linker set them up from the guest's state.
+var fixSpecials = map[string]struct{ jumpLabel, warn bool }{
+	"tcp-attach-filter":       {jumpLabel: true, warn: true},
+	"fcntl-rw-hint-immutable": {warn: true},
+}
+
 // TestGuestBuildFixes builds real upstream stable fixes for an older
 // Debian 6.1 build and shows each take effect and go away again in a
 // running guest, with its reproducer running in a loop on every vCPU.
 func TestGuestBuildFixes(t *testing.T) {
-	if testing.Short() {
-		t.Skip("boots a guest and compiles kernel code")
-	}
-	k, err := testguest.FixKernel()
+	testguest.Need(t)
+	ks, err := testguest.FixKernels()
 	if err != nil {
 		t.Fatal(err)
 	}
+	if len(ks) < 2 {
+		t.Fatalf("want the 6.1 and 6.12 fix kernels, have %v", ks)
+	}
+	for _, k := range ks {
+		t.Run(k.Series, func(t *testing.T) { testBuildFixes(t, k) })
+	}
+}
+
+func testBuildFixes(t *testing.T, k testguest.Kernel) {
+	dir := fixDir(t, k)
+	names := fixNames(t, dir, map[bool]int{true: 4, false: 1}[k.Series == "6.1-fix"])
 	lf := startFix(t, k)
 	ctx := context.Background()
-	for _, name := range fixNames(t) {
+	for _, name := range names {
 		t.Run(name, func(t *testing.T) {
-			res, err := lf.build(t, fixDiff(t, name))
+			res, err := lf.build(t, filepath.Join(dir, name+".diff"))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -184,7 +201,26 @@ func TestGuestBuildFixes(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			t.Logf("applied: %+v", r)
+			t.Logf("applied: %s", r.Message)
+			var jumps, warns int
+			for _, e := range r.Plan.Edits {
+				if e.Replace == nil || e.Replace.LinkMap == nil {
+					continue
+				}
+				for _, j := range e.Replace.LinkMap.JumpLabels {
+					t.Logf("jump label %s key %s enabled=%v jmp=%v", j.Site, j.Key, j.Enabled, j.Jump)
+					jumps++
+				}
+				for _, b := range e.Replace.LinkMap.Bugs {
+					t.Logf("bug site %s %s:%d warn=%v", b.Site, b.File, b.Line, b.Warn)
+					if b.Warn {
+						warns++
+					}
+				}
+			}
+			if want := fixSpecials[name]; (want.jumpLabel && jumps == 0) || (want.warn && warns == 0) {
+				t.Errorf("%s: %d jump-label and %d WARN sites linked; the fix's changed code has %+v", name, jumps, warns, want)
+			}
 			if got := lf.reproduce(t, name); got != "FIXED" {
 				t.Fatalf("after apply: %q, want FIXED", got)
 			}
@@ -247,9 +283,7 @@ func vmlinuxBanner(t *testing.T, k testguest.Kernel) string {
 // that is not the guest's build, are refused with the reason; nothing is
 // written to the guest.
 func TestGuestBuildRefusals(t *testing.T) {
-	if testing.Short() {
-		t.Skip("boots a guest and compiles kernel code")
-	}
+	testguest.Need(t)
 	k, err := testguest.FixKernel()
 	if err != nil {
 		t.Fatal(err)

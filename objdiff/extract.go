@@ -383,6 +383,14 @@ func (x *extractor) specialSections(add func(*kobj.Section)) ([]*kobj.Section, e
 		if len(keep) == 0 {
 			continue
 		}
+		if s.Name == "__ex_table" {
+			t, off := codeTarget(siteReloc(s, size, keep[0]), true)
+			where := t.Name
+			if fn := symbolAt(x.in.After, t, off); fn != nil {
+				where = fmt.Sprintf("%s+%#x", fn.Name, off-int64(fn.Value))
+			}
+			return nil, &Refusal{Function: where, Reason: fmt.Sprintf("%d user-memory access(es) with fault fixups in the new code: a fault there would oops, because the guest's exception table does not cover the code area", len(keep))}
+		}
 		if !sp.keep {
 			x.notes = append(x.notes, fmt.Sprintf("%s: %d entries dropped: %s", s.Name, len(keep), sp.note))
 			continue

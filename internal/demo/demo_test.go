@@ -120,4 +120,50 @@ func TestDemo(t *testing.T) {
 	say("\n== freeze windows (guest vCPUs stopped while code changed)")
 	say("apply:  %8.0f µs (%s, %d vCPUs)", applied.Freeze.WindowUS, applied.Freeze.Method, applied.Freeze.VCPUs)
 	say("revert: %8.0f µs (%s, %d vCPUs)", reverted.Freeze.WindowUS, reverted.Freeze.Method, reverted.Freeze.VCPUs)
+	g.Destroy()
+
+	demoBuild(t, bin, root)
+}
+
+// demoBuild turns a real upstream fix (CVE-2026-52928, af_unix) into a hot
+// patch for a guest running an older Debian 6.1 build that lacks it, and
+// applies it: the reproducer in the guest goes from VULNERABLE to FIXED.
+func demoBuild(t *testing.T, bin, root string) {
+	k, err := testguest.FixKernel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	say("\n== hvpatch build: an upstream fix, as a diff, into a running guest")
+	say("booting a %s guest (an older Debian 6.1 build, without the fix)", k.Release)
+	g := testguest.Start(t, testguest.Options{Kernel: k, VCPUs: 2, MemoryMiB: 512})
+	repro := "/bin/repro-unix-siocatmark"
+	state, out := t.TempDir(), t.TempDir()
+	show := func(want string) {
+		got := strings.TrimSpace(g.MustRun(repro))
+		say("\n[guest]# %s\n%s", repro, got)
+		if got != want {
+			t.Fatalf("%s printed %q, want %q", repro, got, want)
+		}
+	}
+	show("VULNERABLE")
+	diff := filepath.Join(root, "testdata", "fixes", "unix-siocatmark.diff")
+	res := hvpatch(t, bin, "build", g.Name, diff, "-o", out)
+	fmt.Print(res)
+	lines := strings.Split(strings.TrimSpace(res), "\n")
+	bundle := lines[len(lines)-1]
+	if !strings.HasSuffix(bundle, ".yaml") {
+		t.Fatalf("hvpatch build's last line is %q, want the patch file", bundle)
+	}
+	patchText, err := os.ReadFile(bundle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	say("\n$ cat %s\n%s", bundle, patchText)
+	fmt.Print(hvpatch(t, bin, "apply", g.Name, bundle, "--state-dir", state))
+	show("FIXED")
+	fmt.Print(hvpatch(t, bin, "revert", g.Name, "unix-siocatmark", "--state-dir", state))
+	show("VULNERABLE")
+	if err := g.ConsoleError(); err != nil {
+		t.Fatal(err)
+	}
 }
