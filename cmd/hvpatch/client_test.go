@@ -1,74 +1,55 @@
 package main
 
 import (
-	"io"
-	"net"
-	"net/http"
+	"encoding/base64"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 )
 
-// safetyBound is how long past its own timeout the CLI may take before it
-// counts as hung: generous, for a loaded host.
-const safetyBound = 20 * time.Second
-
-// A daemon socket where a process accepts connections and never answers
-// (a wedged or stopped hvpatchd) does not hang the CLI.
-func TestCLIHungDaemonSocket(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "hung.sock")
-	l, err := net.Listen("unix", path)
+// The CLI sends the objects a patch's replace edits link, read relative to
+// the patch file (not to the working directory), each once.
+func TestPatchObjectsSent(t *testing.T) {
+	dir := t.TempDir()
+	os.MkdirAll(filepath.Join(dir, "fix"), 0o755)
+	os.WriteFile(filepath.Join(dir, "fix", "a.o"), []byte("object a"), 0o644)
+	os.WriteFile(filepath.Join(dir, "b.o"), []byte("object b"), 0o644)
+	patch := `id: two-objects
+match: {release: "6.1.*"}
+edits:
+  - {kind: replace, function: version_proc_show, object: fix/a.o, with: new_version}
+  - {kind: replace, function: cmdline_proc_show, object: fix/a.o, with: new_cmdline}
+  - {kind: replace, function: meminfo_proc_show, object: b.o, with: new_meminfo}
+  - {kind: return, function: uptime_proc_show, value: 0}
+`
+	file := filepath.Join(dir, "p.yaml")
+	os.WriteFile(file, []byte(patch), 0o644)
+	t.Chdir(t.TempDir())
+	got, err := patchObjects(file, []byte(patch))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(io.Discard, c); c.Close() }()
+	want := map[string]string{"fix/a.o": "object a", "b.o": "object b"}
+	if len(got) != len(want) {
+		t.Fatalf("sent %v, want %v", got, want)
+	}
+	for k, v := range want {
+		b, err := base64.StdEncoding.DecodeString(got[k])
+		if err != nil || string(b) != v {
+			t.Errorf("object %s: %q %v, want %q", k, b, err, v)
 		}
-	}()
-	t0 := time.Now()
-	_, stderr, code := runCLI(t, "--daemon-socket", path, "--daemon-timeout", "1s", "domains")
-	if code == 0 || !strings.Contains(stderr, "does not answer") || !strings.Contains(stderr, "--standalone") {
-		t.Errorf("hung daemon: exit %d, stderr %q; want an error saying it does not answer", code, stderr)
 	}
-	if took := time.Since(t0); took > time.Second+safetyBound {
-		t.Errorf("the CLI took %v against a hung daemon with --daemon-timeout 1s", took)
+	// A patch without replace edits sends none; a missing object is an
+	// error naming it; a patch that does not parse is left to the daemon.
+	if got, err := patchObjects(file, []byte("id: x\nmatch: {release: \"6.1.*\"}\nedits:\n  - {kind: return, function: f, value: 0}\n")); got != nil || err != nil {
+		t.Errorf("no replace edits: %v %v", got, err)
 	}
-}
-
-// A daemon that answers its health check, then never finishes a request:
-// the request's bound ends it.
-func TestCLIDaemonRequestTimeout(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "slow.sock")
-	l, err := net.Listen("unix", path)
-	if err != nil {
-		t.Fatal(err)
+	os.Remove(filepath.Join(dir, "b.o"))
+	if _, err := patchObjects(file, []byte(patch)); err == nil || !strings.Contains(err.Error(), "b.o") {
+		t.Errorf("missing object: %v", err)
 	}
-	release := make(chan struct{})
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /v1/health", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, `{"pid":1}`) })
-	mux.HandleFunc("GET /v1/domains", func(w http.ResponseWriter, r *http.Request) {
-		select {
-		case <-release:
-		case <-r.Context().Done():
-		}
-	})
-	srv := &http.Server{Handler: mux}
-	go srv.Serve(l)
-	defer srv.Close()
-	defer close(release)
-	t0 := time.Now()
-	_, stderr, code := runCLI(t, "--daemon-socket", path, "--daemon-timeout", "1s", "domains")
-	if code == 0 || !strings.Contains(stderr, "Timeout") {
-		t.Errorf("request that never ends: exit %d, stderr %q; want a timeout error", code, stderr)
-	}
-	if took := time.Since(t0); took > time.Second+safetyBound {
-		t.Errorf("the CLI took %v against a daemon that never answers a request, --daemon-timeout 1s", took)
+	if got, err := patchObjects(file, []byte("not: [a patch")); got != nil || err != nil {
+		t.Errorf("unparsable patch: %v %v", got, err)
 	}
 }
