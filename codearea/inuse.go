@@ -2,7 +2,6 @@ package codearea
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"strings"
@@ -47,84 +46,26 @@ func (a *Area) registers(sg hypervisor.StoppedGuest) ([]hypervisor.CPUState, err
 }
 
 // inUse searches for the text [lo, hi) in the vCPUs' RIPs, and for the
-// text or the data [dlo, dhi) on every thread's live kernel stack: from the
-// saved stack pointer up for a thread that is not running, from the vCPU's
-// RSP up (or the whole stack, when the RSP is not on it) for one that is.
-// A pointer into the data on a live stack (a format string being printed)
-// is use too: the data is zeroed on release.
+// text or the data [dlo, dhi) on every live kernel stack (FindActivity
+// says which). A pointer into the data on a live stack (a format string
+// being printed) is use too: the data is zeroed on release.
 func (a *Area) inUse(sg hypervisor.StoppedGuest, name string, lo, hi, dlo, dhi uint64) error {
-	k := a.k
 	cpus, err := a.registers(sg)
 	if err != nil {
 		return err
 	}
-	as := introspect.NewAddressSpace(k.Mem, k.CR3, k.LA57) // stacks are vmalloc'd and reused: no stale cache
-	var where []string
-	for _, c := range cpus {
-		if c.RIP >= lo && c.RIP < hi {
-			where = append(where, fmt.Sprintf("vCPU %d executes it (RIP %#x)", c.Index, c.RIP))
-		}
-	}
-	list := a.threads
+	list := threadLister(a.threads)
 	if a.threadsFn != nil {
 		list = a.threadsFn
 	}
-	threads, err := list(as)
+	text, data := Span{Name: name, Lo: lo, Hi: hi}, Span{Name: name + " (data)", Lo: dlo, Hi: dhi}
+	act, err := findActivity(a.k, cpus, list, []Span{text}, []Span{text, data})
 	if err != nil {
-		return fmt.Errorf("codearea: listing threads to check %s is unused: %w", name, err)
+		return fmt.Errorf("codearea: checking %s is unused: %w", name, err)
 	}
-	scan := func(who string, from, to uint64) error {
-		buf := make([]byte, pageSize)
-		for p := from; p < to; {
-			n := min(to-p, pageSize-p%pageSize)
-			if err := as.ReadVirt(p, buf[:n]); err != nil {
-				return fmt.Errorf("%s: stack at %#x: %w", who, p, err)
-			}
-			for i := uint64(0); i+8 <= n; i += 8 {
-				if v := binary.LittleEndian.Uint64(buf[i:]); v >= lo && v < hi || v >= dlo && v < dhi {
-					where = append(where, fmt.Sprintf("%s has %#x on its stack at %#x", who, v, p+i))
-					return nil
-				}
-			}
-			p += n
-		}
-		return nil
-	}
-	onStack := map[int]bool{}
-	for _, th := range threads {
-		who := fmt.Sprintf("PID %d (%s)", th.pid, th.comm)
-		top := th.stack + threadSize
-		from := th.sp
-		if th.onCPU {
-			from = th.stack
-			for i, c := range cpus {
-				if c.RSP >= th.stack && c.RSP < top {
-					from, onStack[i] = c.RSP, true
-				}
-			}
-		}
-		if from < th.stack || from > top {
-			from = th.stack // a saved sp off its stack: be conservative
-		}
-		if err := scan(who, from&^7, top); err != nil {
-			return fmt.Errorf("codearea: %w", err)
-		}
-	}
-	// A vCPU on an IRQ or exception stack: its frames up to the end of
-	// that stack (at most a stack's size, up to the first unmapped page).
-	for i, c := range cpus {
-		if onStack[i] || c.CPL != 0 || c.RSP < 1<<63 {
-			continue
-		}
-		end := c.RSP + threadSize
-		for p := (c.RSP + pageSize) &^ (pageSize - 1); p < end; p += pageSize {
-			if _, err := as.Translate(p); err != nil {
-				end = p
-			}
-		}
-		if err := scan(fmt.Sprintf("vCPU %d", c.Index), c.RSP&^7, end); err != nil {
-			return fmt.Errorf("codearea: %w", err)
-		}
+	var where []string
+	for _, u := range act.Uses {
+		where = append(where, u.String())
 	}
 	if len(where) > 0 {
 		return &InUseError{Name: name, Where: where}
@@ -142,7 +83,15 @@ type thread struct {
 // threads lists every thread (the task list holds group leaders; each
 // leader's signal->thread_head lists its threads).
 func (a *Area) threads(as *introspect.AddressSpace) ([]thread, error) {
-	k := a.k
+	return threadsOf(a.k)(as)
+}
+
+// threadsOf lists the threads of k (see Area.threads).
+func threadsOf(k *introspect.Kernel) threadLister {
+	return func(as *introspect.AddressSpace) ([]thread, error) { return listThreads(k, as) }
+}
+
+func listThreads(k *introspect.Kernel, as *introspect.AddressSpace) ([]thread, error) {
 	leaders, err := k.Tasks()
 	if err != nil {
 		return nil, err

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hvpatch/hvpatch/codearea"
 	"github.com/hvpatch/hvpatch/hypervisor"
 )
 
@@ -27,12 +28,29 @@ type Domain struct {
 	Name, UUID string
 	Target     Target
 	Writer     CodeWriter
+	// RegisterWriter, when set, is a writer whose stops can read the vCPU
+	// registers, used for what needs them (the activeness check of
+	// consistency: stack, releasing replaced code) when Writer's stops
+	// cannot: OpenLive sets direct+suspend beside direct+ptrace.
+	RegisterWriter CodeWriter
+}
+
+// withRegisters is d written through its RegisterWriter when its Writer's
+// stops cannot read registers and it has one; d otherwise.
+func (d Domain) withRegisters() Domain {
+	if w, err := stopWriter(d, true); err == nil {
+		d.Writer = w
+	}
+	return d
 }
 
 // Patcher applies and reverts patches, keeping journals in State.
 type Patcher struct {
 	State StateDir
 	Now   func() time.Time // for tests; time.Now when nil
+
+	// activity replaces the activeness check's scan (tests).
+	activity func(ctx context.Context, sg StoppedGuest, rips, stacks []codearea.Span) (*codearea.Activity, error)
 }
 
 // Result reports one apply or revert.
@@ -50,11 +68,17 @@ type Result struct {
 	// Reconciled lists journal entries found not to match guest memory
 	// when the operation started (and corrected in the journal).
 	Reconciled []PatchStatus
+	// Consistency reports the activeness check (consistency: stack).
+	Consistency *ConsistencyReport
+	// Superseded lists the patches the apply replaced (replaces:).
+	Superseded []string
 }
 
 // ApplyOptions change Apply.
 type ApplyOptions struct {
 	PlanOptions
+	// Consistency bounds the retries of consistency: stack.
+	Consistency ConsistencyOptions
 }
 
 func (pt *Patcher) now() time.Time {
@@ -91,9 +115,9 @@ func (pt *Patcher) Apply(ctx context.Context, d Domain, p *Patch, opt ApplyOptio
 		return nil, err
 	}
 	defer lock.Unlock()
-	pl, err := MakePlan(d.Target, p, opt.PlanOptions)
+	pl, err := pt.plan(d, j, st.BootID, p, opt.PlanOptions)
 	if err != nil {
-		return nil, fmt.Errorf("domain %s: %w", d.Name, err)
+		return nil, err
 	}
 	res := &Result{PatchID: p.ID, Plan: pl, Reconciled: st.Differences()}
 	if old := j.Find(p.ID); old != nil && old.BootID == pl.BootID && old.State == StateApplied {
@@ -121,13 +145,24 @@ func (pt *Patcher) Apply(ctx context.Context, d Domain, p *Patch, opt ApplyOptio
 			return nil, fmt.Errorf("domain %s: patch %s is partly applied (%s+%#x already holds the new bytes); revert or reconcile first", d.Name, p.ID, e.Symbol, e.Offset)
 		}
 	}
+	wd := d
+	if p.StackConsistency() {
+		if wd.Writer, err = stopWriter(d, true); err != nil {
+			return nil, fmt.Errorf("domain %s: patch %s: %w; use the gdbstub or direct+suspend writer", d.Name, p.ID, err)
+		}
+	}
 	// Journal first: a crash between here and the next save leaves a
 	// pending entry that reconcile resolves by reading the guest.
-	j.put(pt.entry(pl, StatePending, d.Writer.Name(), 0))
+	j.put(pt.entry(pl, StatePending, wd.Writer.Name(), 0))
 	if err := pt.State.Save(j); err != nil {
 		return nil, err
 	}
-	fr, err := writeUnderFreeze(ctx, d, pl, false)
+	var fr FreezeReport
+	if p.StackConsistency() {
+		fr, res.Consistency, err = pt.writeConsistent(ctx, wd, pl, opt.Consistency)
+	} else {
+		fr, err = writeUnderFreeze(ctx, wd, pl, false)
+	}
 	res.Freeze = fr
 	if err != nil {
 		j.remove(p.ID)
@@ -136,18 +171,114 @@ func (pt *Patcher) Apply(ctx context.Context, d Domain, p *Patch, opt ApplyOptio
 		}
 		return res, fmt.Errorf("domain %s: applying %s: %w", d.Name, p.ID, err)
 	}
-	j.put(pt.entry(pl, StateApplied, d.Writer.Name(), fr.Window))
+	entry := pt.entry(pl, StateApplied, wd.Writer.Name(), fr.Window)
+	if res.Consistency != nil {
+		entry.Tries = res.Consistency.Tries
+	}
+	j.put(entry)
+	for _, sp := range pl.Supersedes {
+		jp := j.Find(sp.ID)
+		jp.SupersededBy, jp.State = p.ID, StateSuperseded
+		if hasReplace(jp) {
+			jp.State = StateReleasing // until its code is released, below
+		}
+		res.Superseded = append(res.Superseded, sp.ID)
+	}
 	if err := pt.State.Save(j); err != nil {
 		return res, fmt.Errorf("domain %s: patch %s is applied but the journal could not be saved: %w", d.Name, p.ID, err)
 	}
 	res.Message = fmt.Sprintf("patch %s applied on domain %s: %d edit(s), guest frozen %v (%s)", p.ID, d.Name, len(pl.Edits), fr.Window, fr.Method)
+	if c := res.Consistency; c != nil {
+		res.Message += fmt.Sprintf("; consistency: stack checked in %d stop(s) through %s", c.Tries, c.Writer)
+	}
+	if len(pl.Supersedes) > 0 {
+		res.Message += fmt.Sprintf("; superseded %s in the same stop", pl.supersededText())
+		t0 := time.Now()
+		n, waits, err := pt.releaseSuperseded(ctx, d, j, p.ID)
+		res.ReleaseTime, res.ReleaseWaits = time.Since(t0), waits
+		switch {
+		case err != nil:
+			res.Message += fmt.Sprintf("; their replacement code is still in the code area (%v): revert them to release it later", err)
+		case n > 0:
+			res.Message += fmt.Sprintf(", their code released in %v (%d retries while in use)", res.ReleaseTime.Round(time.Millisecond), waits)
+		}
+	}
 	return res, nil
+}
+
+// Plan is MakePlan against the domain's journal: the patches p lists in
+// replaces: and has applied are planned to be superseded, and a function
+// another applied patch owns is refused. It reads guest memory and the
+// journal and writes neither (a dry run).
+func (pt *Patcher) Plan(d Domain, p *Patch, opt PlanOptions) (*Plan, error) {
+	j, err := pt.State.Load(d.Name, d.UUID)
+	if err != nil {
+		return nil, err
+	}
+	bootID, err := BootIdentity(d.Target)
+	if err != nil {
+		return nil, fmt.Errorf("domain %s: %w", d.Name, err)
+	}
+	return pt.plan(d, j, bootID, p, opt)
+}
+
+func (pt *Patcher) plan(d Domain, j *Journal, bootID string, p *Patch, opt PlanOptions) (*Plan, error) {
+	if err := p.Validate(); err != nil {
+		return nil, err
+	}
+	if err := checkOwners(d.Target, j, p, bootID); err != nil {
+		return nil, fmt.Errorf("domain %s: %w", d.Name, err)
+	}
+	sup, err := supersedeList(j, p, bootID)
+	if err != nil {
+		return nil, fmt.Errorf("domain %s: %w", d.Name, err)
+	}
+	opt.Supersede = sup
+	pl, err := MakePlan(d.Target, p, opt)
+	if err != nil {
+		return nil, fmt.Errorf("domain %s: %w", d.Name, err)
+	}
+	return pl, nil
+}
+
+// releaseSuperseded releases the code of the patches superseded by id
+// whose release is pending; released ones become history ("superseded").
+// The journal is saved.
+func (pt *Patcher) releaseSuperseded(ctx context.Context, d Domain, j *Journal, id string) (released, waits int, err error) {
+	var errs []error
+	for i := range j.Patches {
+		jp := &j.Patches[i]
+		if jp.SupersededBy != id || jp.State != StateReleasing {
+			continue
+		}
+		n, rerr := releaseReplaced(ctx, d.withRegisters(), jp)
+		waits += n
+		if rerr != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", jp.ID, rerr))
+			continue
+		}
+		jp.State = StateSuperseded
+		released++
+	}
+	if err := pt.State.Save(j); err != nil {
+		errs = append(errs, err)
+	}
+	return released, waits, errors.Join(errs...)
+}
+
+func hasReplace(jp *JournalPatch) bool {
+	for _, je := range jp.Edits {
+		if je.Kind == KindReplace {
+			return true
+		}
+	}
+	return false
 }
 
 // checkOtherPatches refuses edits overlapping those of another applied patch.
 func checkOtherPatches(j *Journal, pl *Plan) error {
 	for _, jp := range j.Patches {
-		if jp.ID == pl.Patch.ID || jp.BootID != pl.BootID {
+		if jp.ID == pl.Patch.ID || jp.BootID != pl.BootID || jp.SupersededBy != "" || pl.Patch.Supersedes(jp.ID) {
 			continue
 		}
 		for _, je := range jp.Edits {
@@ -166,7 +297,16 @@ func (pt *Patcher) entry(pl *Plan, state, writer string, window time.Duration) J
 		ID: pl.Patch.ID, Description: pl.Patch.Description, State: state,
 		Release: pl.Release, BuildID: pl.BuildID, BootID: pl.BootID,
 		Time: pt.now().UTC(), Writer: writer, Freeze: window, Edits: journalEdits(pl),
+		Consistency: pl.Patch.Consistency, Supersedes: ids(pl.Supersedes),
 	}
+}
+
+func ids(jps []JournalPatch) []string {
+	var out []string
+	for _, jp := range jps {
+		out = append(out, jp.ID)
+	}
+	return out
 }
 
 // Revert restores the original bytes of an applied patch, after checking
@@ -186,12 +326,18 @@ func (pt *Patcher) Revert(ctx context.Context, d Domain, id string) (*Result, er
 		}
 		return nil, fmt.Errorf("domain %s: patch %s is not applied (not in the journal)", d.Name, id)
 	}
+	if jp.SupersededBy != "" && jp.State != StateReleasing {
+		return nil, fmt.Errorf("domain %s: patch %s was superseded by %s (replaces:), which holds its functions now; revert %s to restore the original functions", d.Name, id, jp.SupersededBy, jp.SupersededBy)
+	}
 	if jp.State != StateApplied && jp.State != StateReleasing {
 		return nil, fmt.Errorf("domain %s: patch %s is in state %s with memory holding %s; it needs attention before a revert", d.Name, id, jp.State, memState(st, id))
 	}
 	pl := &Plan{Patch: &Patch{ID: jp.ID, Description: jp.Description}, Release: jp.Release, BuildID: jp.BuildID, BootID: jp.BootID}
 	allOld := true
 	for i, je := range jp.Edits {
+		if jp.SupersededBy != "" {
+			break // its sites are the superseding patch's: only its code is left to release
+		}
 		cur := make([]byte, len(je.New))
 		if err := d.Target.ReadVirt(je.VA, cur); err != nil {
 			return nil, fmt.Errorf("domain %s: reading %s+%#x at %#x: %w", d.Name, je.Symbol, je.Offset, je.VA, err)
@@ -246,7 +392,7 @@ func (pt *Patcher) Revert(ctx context.Context, d Domain, id string) (*Result, er
 			return res, err
 		}
 		t0 := time.Now()
-		waits, err := releaseReplaced(ctx, d, jp)
+		waits, err := releaseReplaced(ctx, d.withRegisters(), jp)
 		res.ReleaseTime, res.ReleaseWaits = time.Since(t0), waits
 		if err != nil {
 			return res, fmt.Errorf("domain %s: patch %s: the jumps are removed (the guest runs its original code) but the replacement could not be released from the code area: %w; revert again to retry", d.Name, id, err)
@@ -254,6 +400,7 @@ func (pt *Patcher) Revert(ctx context.Context, d Domain, id string) (*Result, er
 		released = fmt.Sprintf("; replacement code released from the code area in %v (%d retries while in use)", res.ReleaseTime.Round(time.Millisecond), waits)
 	}
 	j.remove(id)
+	released += pt.dropSuperseded(ctx, d, j, id)
 	if err := pt.State.Save(j); err != nil {
 		return res, fmt.Errorf("domain %s: patch %s is reverted but the journal could not be saved: %w", d.Name, id, err)
 	}
@@ -263,6 +410,38 @@ func (pt *Patcher) Revert(ctx context.Context, d Domain, id string) (*Result, er
 		res.Message = fmt.Sprintf("patch %s reverted on domain %s, guest frozen %v (%s)%s", id, d.Name, res.Freeze.Window, res.Freeze.Method, released)
 	}
 	return res, nil
+}
+
+// dropSuperseded forgets the patches id had superseded, now that id is
+// reverted and their functions are original again; code of theirs still
+// waiting for release is released first (kept, state releasing, if busy).
+// It returns a note for the message.
+func (pt *Patcher) dropSuperseded(ctx context.Context, d Domain, j *Journal, id string) string {
+	var dropped, kept []string
+	var keep []JournalPatch
+	for _, jp := range j.Patches {
+		if jp.SupersededBy != id {
+			keep = append(keep, jp)
+			continue
+		}
+		if jp.State == StateReleasing {
+			if _, err := releaseReplaced(ctx, d.withRegisters(), &jp); err != nil {
+				kept = append(kept, fmt.Sprintf("%s (its code is still in use: %v; revert %s to retry)", jp.ID, err, jp.ID))
+				keep = append(keep, jp)
+				continue
+			}
+		}
+		dropped = append(dropped, jp.ID)
+	}
+	j.Patches = keep
+	note := ""
+	if len(dropped) > 0 {
+		note += fmt.Sprintf("; the patches it had superseded (%s) are gone too", strings.Join(dropped, ", "))
+	}
+	if len(kept) > 0 {
+		note += "; kept: " + strings.Join(kept, "; ")
+	}
+	return note
 }
 
 func reverseChunks(cs []Chunk) []Chunk {
@@ -279,6 +458,13 @@ func reverseChunks(cs []Chunk) []Chunk {
 // A revert skips the RIP check: it puts back the instructions the guest
 // had, which are whole at their boundaries.
 func writeUnderFreeze(ctx context.Context, d Domain, pl *Plan, revert bool) (fr FreezeReport, err error) {
+	return writeStop(ctx, d, pl, revert, nil)
+}
+
+// writeStop is writeUnderFreeze with a check that runs first inside the
+// stop (the activeness check of consistency: stack): when it fails, nothing
+// is written and the guest resumes.
+func writeStop(ctx context.Context, d Domain, pl *Plan, revert bool, check func(StoppedGuest) error) (fr FreezeReport, err error) {
 	needRIPs := !revert && pl.NeedsRIPCheck()
 	sg, err := d.Writer.Stop(ctx)
 	if err != nil {
@@ -299,9 +485,19 @@ func writeUnderFreeze(ctx context.Context, d Domain, pl *Plan, revert bool) (fr 
 			return fr, err
 		}
 	}
+	if check != nil {
+		if err := check(sg); err != nil {
+			return fr, err
+		}
+	}
 	var all []Chunk
 	for _, e := range pl.Edits {
-		all = append(all, e.Chunks...)
+		all = append(all, e.stopChunks()...)
+	}
+	if !revert {
+		for _, e := range pl.Undo { // edits of superseded patches put back
+			all = append(all, e.Chunks...)
+		}
 	}
 	for _, c := range all {
 		cur := make([]byte, len(c.Old))

@@ -150,7 +150,7 @@ func TestRIPCheckedApply(t *testing.T) {
 	if _, err := pt.Apply(ctx, d, cross, ApplyOptions{}); err == nil || !strings.Contains(err.Error(), "RIP-checked") {
 		t.Fatalf("without the mode: %v", err)
 	}
-	opt := ApplyOptions{PlanOptions{RIPChecked: true}}
+	opt := ApplyOptions{PlanOptions: PlanOptions{RIPChecked: true}}
 	// A writer that cannot read RIPs while stopped is refused.
 	if _, err := pt.Apply(ctx, d, cross, opt); err == nil || !strings.Contains(err.Error(), "cannot read vCPU registers") {
 		t.Fatalf("writer without RIPs: %v", err)
@@ -392,7 +392,8 @@ func TestApplyOverAnotherPatch(t *testing.T) {
 	same := returnPatch("version_proc_show", 0)
 	same.ID = "same-bytes-other-id"
 	before := ft.snapshot()
-	if _, err := pt.Apply(ctx, d, same, ApplyOptions{}); err == nil || !strings.Contains(err.Error(), "which patch kill-version-proc-show (applied) already changed") {
+	if _, err := pt.Apply(ctx, d, same, ApplyOptions{}); err == nil || !strings.Contains(err.Error(), "which patch kill-version-proc-show (applied, return edit) already patched") ||
+		!strings.Contains(err.Error(), "replaces: [kill-version-proc-show]") {
 		t.Fatalf("second patch over the same site: %v", err)
 	}
 	ft.requireUnchanged(t, before)

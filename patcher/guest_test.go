@@ -239,7 +239,7 @@ func (lg *liveGuest) testRIPChecked(t *testing.T) {
 	if _, err := lg.pt.Apply(ctx, lg.live.Domain, p, ApplyOptions{}); err == nil || !strings.Contains(err.Error(), "RIP-checked") {
 		t.Fatalf("without the mode: %v", err)
 	}
-	res, err := lg.pt.Apply(ctx, lg.live.Domain, p, ApplyOptions{PlanOptions{RIPChecked: true}})
+	res, err := lg.pt.Apply(ctx, lg.live.Domain, p, ApplyOptions{PlanOptions: PlanOptions{RIPChecked: true}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -262,7 +262,7 @@ func (lg *liveGuest) testRIPChecked(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	res, err = lg.pt.Apply(ctx, sus, p, ApplyOptions{PlanOptions{RIPChecked: true}})
+	res, err = lg.pt.Apply(ctx, sus, p, ApplyOptions{PlanOptions: PlanOptions{RIPChecked: true}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -273,7 +273,7 @@ func (lg *liveGuest) testRIPChecked(t *testing.T) {
 	if _, err := lg.pt.Revert(ctx, sus, p.ID); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := lg.pt.Apply(ctx, lg.live.Domain, p, ApplyOptions{PlanOptions{RIPChecked: true}}); err != nil {
+	if _, err := lg.pt.Apply(ctx, lg.live.Domain, p, ApplyOptions{PlanOptions: PlanOptions{RIPChecked: true}}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := lg.pt.Revert(ctx, lg.live.Domain, p.ID); err != nil {
@@ -288,7 +288,7 @@ func (lg *liveGuest) testRIPChecked(t *testing.T) {
 		t.Fatal(err)
 	}
 	hash := lg.textHash(t)
-	if _, err := lg.pt.Apply(ctx, d, p, ApplyOptions{PlanOptions{RIPChecked: true}}); err == nil || !strings.Contains(err.Error(), "cannot read vCPU registers") {
+	if _, err := lg.pt.Apply(ctx, d, p, ApplyOptions{PlanOptions: PlanOptions{RIPChecked: true}}); err == nil || !strings.Contains(err.Error(), "cannot read vCPU registers") {
 		t.Fatalf("RIP-checked through a ptrace freeze: %v", err)
 	}
 	if lg.textHash(t) != hash {

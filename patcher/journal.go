@@ -18,6 +18,10 @@ const (
 	// StateReleasing: the jumps of replace edits are gone, their code is
 	// still in the code area (it was in use); a revert finishes it.
 	StateReleasing = "releasing"
+	// StateSuperseded: a cumulative patch (SupersededBy) replaced this
+	// one in its stop and its code is released; the entry is history,
+	// dropped when the superseding patch is reverted.
+	StateSuperseded = "superseded"
 )
 
 // Journal is what hvpatch knows it has done to one domain. It lives in one
@@ -40,6 +44,14 @@ type JournalPatch struct {
 	Writer      string        `json:"writer,omitempty"`
 	Freeze      time.Duration `json:"freeze_ns,omitempty"`
 	Edits       []JournalEdit `json:"edits"`
+	// Supersedes lists the patches this one replaced in its apply's stop
+	// (replaces:); SupersededBy names the patch that replaced this one.
+	Supersedes   []string `json:"supersedes,omitempty"`
+	SupersededBy string   `json:"superseded_by,omitempty"`
+	// Consistency is the patch file's consistency model; Tries the stops
+	// its activeness check took (consistency: stack).
+	Consistency string `json:"consistency,omitempty"`
+	Tries       int    `json:"tries,omitempty"`
 }
 
 // JournalEdit is one edit with the bytes before and after it.
@@ -115,8 +127,13 @@ func (j *Journal) remove(id string) {
 	}
 }
 
-// StateDir holds the journals and lock files of all domains.
-type StateDir struct{ Dir string }
+// StateDir holds the journals and lock files of all domains. LockDir is
+// where the host-wide per-domain locks are ("" is HostLockDir's default);
+// every process patching this host's domains must use the same one.
+type StateDir struct {
+	Dir     string
+	LockDir string
+}
 
 var uuidPattern = regexp.MustCompile(`^[0-9a-fA-F-]{1,64}$`)
 

@@ -78,10 +78,25 @@ func OpenLive(ctx context.Context, hv *hypervisor.Domain, writerKind string) (*L
 		mem.Close()
 		return nil, err
 	}
-	return &Live{
+	l := &Live{
 		Domain: Domain{Name: hv.Name(), UUID: hv.UUID(), Target: KernelTarget{k}, Writer: w},
 		HV:     hv, Mem: mem, Kernel: k,
-	}, nil
+	}
+	if l.RegisterWriter, err = l.registerWriter(ctx, w); err != nil {
+		mem.Close()
+		return nil, err
+	}
+	return l, nil
+}
+
+// registerWriter is the writer for what needs the vCPU registers during a
+// stop when w's stops cannot read them (a ptrace freeze): direct writes
+// under a libvirt suspend, which lets the monitor be asked. nil when w can.
+func (l *Live) registerWriter(ctx context.Context, w CodeWriter) (CodeWriter, error) {
+	if w.Capabilities().Registers {
+		return nil, nil
+	}
+	return l.HV.NewCodeWriter(ctx, hypervisor.WriterDirectSuspend, l.Mem)
 }
 
 // Close releases the guest memory mapping.
@@ -96,5 +111,8 @@ func (l *Live) WithWriter(ctx context.Context, kind string) (Domain, error) {
 	}
 	d := l.Domain
 	d.Writer = w
+	if d.RegisterWriter, err = l.registerWriter(ctx, w); err != nil {
+		return Domain{}, err
+	}
 	return d, nil
 }

@@ -30,12 +30,43 @@ type Patch struct {
 	// bytes hash to anything else is refused before it is linked, so a
 	// signature over the patch file covers the code too.
 	Objects map[string]string `yaml:"objects,omitempty"`
-	Edits   []Edit            `yaml:"edits"`
+	// Consistency is how the apply makes sure no task is in the middle of
+	// a function it changes: "none" (or empty: the default for hand-written
+	// patches) writes at once; "stack" (what hvpatch build writes) refuses
+	// to switch, inside the stop, while any vCPU executes a function being
+	// replaced or any kernel stack returns into one, and retries (see
+	// ConsistencyStack).
+	Consistency string `yaml:"consistency,omitempty"`
+	// Replaces lists patches this one supersedes (a cumulative patch):
+	// the apply swaps their edits for its own in one stop and releases
+	// their code once nothing uses it.
+	Replaces StringList `yaml:"replaces,omitempty"`
+	Edits    []Edit     `yaml:"edits"`
 
 	// Dir is the directory relative paths of the patch (replace objects)
 	// are taken from: the patch file's own directory for LoadPatch, the
 	// current directory when empty.
 	Dir string `yaml:"-"`
+}
+
+// Consistency models of a patch file.
+const (
+	ConsistencyNone  = "none"
+	ConsistencyStack = "stack"
+)
+
+// StackConsistency reports whether the apply must check the changed
+// functions are inactive (consistency: stack).
+func (p *Patch) StackConsistency() bool { return p.Consistency == ConsistencyStack }
+
+// Supersedes reports whether the patch lists id in replaces.
+func (p *Patch) Supersedes(id string) bool {
+	for _, r := range p.Replaces {
+		if r == id {
+			return true
+		}
+	}
+	return false
 }
 
 // Match says which guest kernels a patch is meant for. A kernel matches when
@@ -253,6 +284,23 @@ func (p *Patch) Validate() error {
 		if _, err := path.Match(g, ""); err != nil || g == "" {
 			return fmt.Errorf("patch %s: domains glob %q is not valid", p.ID, g)
 		}
+	}
+	switch p.Consistency {
+	case "", ConsistencyNone, ConsistencyStack:
+	default:
+		return fmt.Errorf("patch %s: consistency %q: want none or stack", p.ID, p.Consistency)
+	}
+	seen := map[string]bool{}
+	for _, r := range p.Replaces {
+		switch {
+		case !idPattern.MatchString(r):
+			return fmt.Errorf("patch %s: replaces: %q is not a patch id", p.ID, r)
+		case r == p.ID:
+			return fmt.Errorf("patch %s: replaces itself", p.ID)
+		case seen[r]:
+			return fmt.Errorf("patch %s: replaces lists %s twice", p.ID, r)
+		}
+		seen[r] = true
 	}
 	if len(p.Edits) == 0 {
 		return fmt.Errorf("patch %s: no edits", p.ID)

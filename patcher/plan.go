@@ -17,6 +17,11 @@ type Plan struct {
 	BuildID string // "" when the kernel exposes none
 	BootID  string
 	Edits   []PlannedEdit
+	// Supersedes are the applied patches this one replaces (replaces:),
+	// swapped out in the apply's stop; Undo are their edits that no edit
+	// of this patch covers, put back to the original bytes in that stop.
+	Supersedes []JournalPatch
+	Undo       []PlannedEdit
 }
 
 // PlannedEdit is one edit resolved to addresses and bytes.
@@ -25,6 +30,7 @@ type PlannedEdit struct {
 	Kind       string
 	Symbol     string
 	SymbolAddr uint64
+	SymbolSize uint64 // the function's size (kallsyms), 0 when unknown
 	Offset     uint64 // of the first changed byte from SymbolAddr
 	VA         uint64
 	Old, New   []byte
@@ -40,6 +46,25 @@ type PlannedEdit struct {
 	Before, After []introspect.Inst
 	// Replace is the code-area side of a replace edit (nil for others).
 	Replace *ReplacePlan
+	// Prev is set when memory holds a superseded patch's bytes (PrevPatch)
+	// over this edit's range instead of Old: the apply checks and
+	// overwrites Prev; Old stays the original a revert puts back.
+	Prev      []byte
+	PrevPatch string
+}
+
+// stopChunks are the chunks the apply's stop checks and writes: Chunks,
+// with Prev as the bytes expected when the edit supersedes another.
+func (e *PlannedEdit) stopChunks() []Chunk {
+	if e.Prev == nil {
+		return e.Chunks
+	}
+	out := make([]Chunk, len(e.Chunks))
+	for i, c := range e.Chunks {
+		off := c.VA - e.VA
+		out[i] = Chunk{VA: c.VA, GPA: c.GPA, Old: e.Prev[off : off+uint64(len(c.Old))], New: c.New}
+	}
+	return out
 }
 
 // Chunk is a part of an edit within one guest page, so that writers
@@ -55,6 +80,11 @@ type PlanOptions struct {
 	// instruction; the apply then checks every vCPU's RIP with the VM
 	// stopped through the monitor.
 	RIPChecked bool
+	// Supersede are the applied patches the patch replaces (replaces:),
+	// as the journal has them: their edits' sites are planned as if they
+	// held the original bytes, and the plan overwrites or undoes them in
+	// the same stop. Patcher.Plan and Apply fill it from the journal.
+	Supersede []JournalPatch
 }
 
 // AlreadyApplied reports whether memory already holds every edit.
@@ -95,6 +125,10 @@ func MakePlan(t Target, p *Patch, opt PlanOptions) (*Plan, error) {
 	if pl.BootID, err = BootIdentity(t); err != nil {
 		return nil, err
 	}
+	real := t
+	if len(opt.Supersede) > 0 {
+		t = newOriginalView(t, opt.Supersede)
+	}
 	planned := make([]PlannedEdit, len(p.Edits))
 	var replaces []int
 	for i := range p.Edits {
@@ -131,6 +165,11 @@ func MakePlan(t Target, p *Patch, opt PlanOptions) (*Plan, error) {
 			if a.VA < b.VA+uint64(len(b.New)) && b.VA < a.VA+uint64(len(a.New)) {
 				return nil, fmt.Errorf("patch %s: edits %d and %d overlap at %#x", p.ID, a.Index+1, b.Index+1, max(a.VA, b.VA))
 			}
+		}
+	}
+	if len(opt.Supersede) > 0 {
+		if err := planSupersede(real, pl, opt.Supersede); err != nil {
+			return nil, fmt.Errorf("patch %s: %w", p.ID, err)
 		}
 	}
 	return pl, nil
@@ -189,7 +228,7 @@ func planReturn(t Target, e *Edit) (PlannedEdit, error) {
 	}
 	site := head[off : off+SiteLen]
 	pe := PlannedEdit{
-		Kind: KindReturn, Symbol: sym.Name, SymbolAddr: sym.Addr, Offset: off, VA: sym.Addr + off,
+		Kind: KindReturn, Symbol: sym.Name, SymbolAddr: sym.Addr, SymbolSize: sym.Size, Offset: off, VA: sym.Addr + off,
 		Old: append([]byte(nil), FentryNop...), New: seq,
 	}
 	switch {
@@ -225,7 +264,7 @@ func planBytes(t Target, e *Edit, opt PlanOptions) (PlannedEdit, error) {
 	}
 	cur := code[off : off+n]
 	pe := PlannedEdit{
-		Kind: KindBytes, Symbol: sym.Name, SymbolAddr: sym.Addr, Offset: off, VA: sym.Addr + off,
+		Kind: KindBytes, Symbol: sym.Name, SymbolAddr: sym.Addr, SymbolSize: sym.Size, Offset: off, VA: sym.Addr + off,
 		Old: append([]byte(nil), e.Expect...), New: append([]byte(nil), e.Replace...),
 	}
 	switch {

@@ -12,6 +12,8 @@ const (
 	MemMixed      = "mixed"       // some edits new, some original
 	MemUnknown    = "unknown bytes"
 	MemRebooted   = "gone (guest rebooted)"
+	// MemSuperseded: a cumulative patch holds the patch's functions now.
+	MemSuperseded = "superseded"
 )
 
 // PatchStatus is one journaled patch compared with guest memory.
@@ -78,6 +80,33 @@ func (pt *Patcher) reconcile(d Domain, j *Journal) (*Status, error) {
 			ps.Difference = fmt.Sprintf("journal says %s, but the guest has rebooted since (boot identity changed%s): the patch is gone", jp.State, kernel)
 			st.Patches = append(st.Patches, ps)
 			st.Changed = true
+			continue
+		}
+		if jp.SupersededBy != "" {
+			// Its sites belong to the superseding patch; what is left of
+			// it is code waiting for release (state releasing).
+			ps.Memory = MemSuperseded
+			if j.Find(jp.SupersededBy) == nil {
+				ps.Difference = fmt.Sprintf("superseded by %s, which is no longer in the journal: removed", jp.SupersededBy)
+				st.Changed = true
+				st.Patches = append(st.Patches, ps)
+				continue
+			}
+			if jp.State == StateReleasing {
+				if ents, err := areaEntries(d.Target); err == nil {
+					left := false
+					for _, je := range jp.Edits {
+						_, placed := ents[je.AreaEntry]
+						left = left || je.Kind == KindReplace && placed
+					}
+					if !left {
+						jp.State, st.Changed = StateSuperseded, true
+					}
+				}
+			}
+			ps.Entry = jp
+			keep = append(keep, jp)
+			st.Patches = append(st.Patches, ps)
 			continue
 		}
 		ps.Memory, ps.Details = memoryState(d.Target, jp)

@@ -202,7 +202,7 @@ func planGroup(t Target, k *introspect.Kernel, p *Patch, area *codearea.Area, g 
 		edits = append(edits, s.index)
 	}
 	newEdit := func(s replaceSite, rp *ReplacePlan) PlannedEdit {
-		return PlannedEdit{Kind: KindReplace, Symbol: s.sym.Name, SymbolAddr: s.sym.Addr, Offset: s.off, VA: s.site,
+		return PlannedEdit{Kind: KindReplace, Symbol: s.sym.Name, SymbolAddr: s.sym.Addr, SymbolSize: s.sym.Size, Offset: s.off, VA: s.site,
 			Old: append([]byte(nil), FentryNop...), Replace: rp}
 	}
 	name := g.name
