@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hvpatch/hvpatch/fixbuild"
 	"github.com/hvpatch/hvpatch/hypervisor"
 	"github.com/hvpatch/hvpatch/internal/benchreport"
 	"github.com/hvpatch/hvpatch/internal/testguest"
@@ -98,6 +99,7 @@ func TestReport(t *testing.T) {
 	}
 	psEndToEnd(t, r, two)
 	returnPatch(t, ctx, r, two)
+	buildTimes(t, ctx, r, two)
 
 	r.Finish()
 	checkTargets(r)
@@ -374,7 +376,60 @@ func psEndToEnd(t *testing.T, r *benchreport.Report, g *guest) {
 	topic.Add("hvpatch ps", samples, "", fmt.Sprintf("%s; %d processes", g.label(), tasks))
 }
 
+// buildTimes measures `hvpatch build` of a small fix for the guest's exact
+// kernel build: with the source tree already prepared (cached), and, in the
+// full report, from an empty cache (download, extract, configure, prepare,
+// then the build), which is what the first fix for a new kernel build costs.
+func buildTimes(t *testing.T, ctx context.Context, r *benchreport.Report, g *guest) {
+	cpus, err := g.dom.CPUs(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := introspect.Open(ctx, g.mem, cpus)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gk := fixbuild.Guest{Banner: k.Banner, Release: k.Release, Symbols: k.Symbols, Read: k.AS.ReadVirt}
+	if gk.BuildID, err = patcher.BuildID(patcher.KernelTarget{K: k}); err != nil {
+		t.Fatal(err)
+	}
+	diff, err := os.ReadFile("../fixbuild/testdata/version-marker.diff")
+	if err != nil {
+		t.Fatal(err)
+	}
+	build := func(cache string) (*fixbuild.Result, time.Duration) {
+		t0 := time.Now()
+		res, err := fixbuild.Build(ctx, gk, diff, fixbuild.Options{OutDir: t.TempDir(), Cache: cache, DiffName: "version-marker.diff"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res, time.Since(t0)
+	}
+	topic := r.Topic("hvpatch build", "one build of testdata's fs/proc/version.c fix for "+k.Release+": identify, source tree, three compiles, verify, diff, extract, bundle")
+	build("") // make sure the default cache holds the tree
+	var samples []time.Duration
+	var res *fixbuild.Result
+	for i := 0; i < runs(5, 1); i++ {
+		var d time.Duration
+		res, d = build("")
+		samples = append(samples, d)
+	}
+	topic.Add("cached source tree", samples, "", fmt.Sprintf("%d function(s) changed", len(res.Functions)))
+	if full {
+		cache := t.TempDir()
+		_, d := build(cache)
+		topic.Add("cold: empty cache", []time.Duration{d}, "cached source tree", "download, extract, configure and prepare included")
+		os.RemoveAll(cache)
+	}
+}
+
 func checkTargets(r *benchreport.Report) {
+	if row, ok := r.Row("hvpatch build", "cached source tree"); ok {
+		r.Targets = append(r.Targets, benchreport.Target{What: "hvpatch build with a cached source tree < 20 s", Met: row.Stats.Median < 20*time.Second, Detail: benchreport.FormatDuration(row.Stats.Median)})
+	}
+	if row, ok := r.Row("hvpatch build", "cold: empty cache"); ok {
+		r.Targets = append(r.Targets, benchreport.Target{What: "hvpatch build from an empty cache < 3 min", Met: row.Stats.Median < 3*time.Minute, Detail: benchreport.FormatDuration(row.Stats.Median)})
+	}
 	if row, ok := r.Row("Freeze window, 2 vCPU", "ptrace freeze + thaw"); ok {
 		r.Targets = append(r.Targets,
 			benchreport.Target{What: "ptrace freeze window median < 100 µs with 2 vCPUs", Met: row.Stats.Median < 100*time.Microsecond, Detail: benchreport.FormatDuration(row.Stats.Median)},
