@@ -53,3 +53,27 @@ edits:
 		t.Errorf("unparsable patch: %v %v", got, err)
 	}
 }
+
+// --writer takes the one vocabulary of writer names (hypervisor.ParseWriter)
+// and is checked before anything is opened.
+func TestWriterFlag(t *testing.T) {
+	for _, c := range []struct{ writer, want string }{
+		{"direct", "direct+ptrace or direct+suspend"},
+		{"magic", "want one of auto, gdbstub, direct+ptrace, direct+suspend"},
+	} {
+		for _, cmd := range []string{"apply", "revert", "status"} {
+			args := []string{cmd, "no-such-domain", "x", "--writer", c.writer}
+			if cmd == "status" {
+				args = []string{cmd, "no-such-domain", "--writer", c.writer}
+			}
+			_, stderr, code := runCLI(t, args...)
+			if code == 0 || !strings.Contains(stderr, "--writer") || !strings.Contains(stderr, c.want) || strings.Contains(stderr, "no-such-domain") {
+				t.Errorf("%s --writer %s: exit %d, stderr %q; want a refusal of the name before the domain is looked up", cmd, c.writer, code, stderr)
+			}
+		}
+	}
+	out, _, _ := runCLI(t, "apply", "--help")
+	if !strings.Contains(out, "auto, gdbstub, direct+ptrace, direct+suspend") {
+		t.Errorf("apply --help does not list the writer names:\n%s", out)
+	}
+}
