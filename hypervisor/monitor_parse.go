@@ -46,13 +46,16 @@ func parseMtree(text string) ([]ramPiece, error) {
 			if m[3] != "ram" && m[3] != "rom" {
 				continue
 			}
-			lo, _ := strconv.ParseUint(m[1], 16, 64)
-			hi, _ := strconv.ParseUint(m[2], 16, 64)
+			lo, err1 := strconv.ParseUint(m[1], 16, 64)
+			hi, err2 := strconv.ParseUint(m[2], 16, 64)
 			var off uint64
+			var err3 error
 			if m[5] != "" {
-				off, _ = strconv.ParseUint(m[5], 16, 64)
+				off, err3 = strconv.ParseUint(m[5], 16, 64)
 			}
-			if hi < lo {
+			// The size, hi-lo+1, must not wrap to 0; neither may the
+			// block offset of the last byte.
+			if err1 != nil || err2 != nil || err3 != nil || hi < lo || hi-lo == 1<<64-1 || off+(hi-lo) < off {
 				return nil, fmt.Errorf("bad range in line %q", line)
 			}
 			pieces = append(pieces, ramPiece{Region: Region{GPA: lo, Size: hi - lo + 1}, Block: m[4], Offset: off})
@@ -139,7 +142,11 @@ func parseRegisters(text string) ([]CPUState, error) {
 			if err := finish(); err != nil {
 				return nil, err
 			}
-			idx, err := strconv.Atoi(strings.Fields(line[4:] + " ")[0])
+			f := strings.Fields(line[4:])
+			if len(f) == 0 {
+				return nil, fmt.Errorf("bad CPU header %q", line)
+			}
+			idx, err := strconv.Atoi(f[0])
 			if err != nil {
 				return nil, fmt.Errorf("bad CPU header %q", line)
 			}

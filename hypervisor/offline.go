@@ -107,43 +107,85 @@ func OpenELFDump(path string) (*Dump, error) {
 }
 
 func readELFDump(path string, f *os.File) (*Dump, error) {
-	ef, err := elf.NewFile(f)
-	if err != nil {
-		return nil, err
-	}
-	if ef.Class != elf.ELFCLASS64 || ef.Machine != elf.EM_X86_64 || ef.Type != elf.ET_CORE {
-		return nil, fmt.Errorf("not an x86-64 ELF core (class %v, machine %v, type %v)", ef.Class, ef.Machine, ef.Type)
-	}
 	st, err := f.Stat()
 	if err != nil {
 		return nil, err
 	}
-	d := &Dump{fileMem: fileMem{path: path, f: f}}
+	e, err := parseELFDump(f, st.Size())
+	if err != nil {
+		return nil, err
+	}
+	return &Dump{fileMem: fileMem{path: path, f: f, regions: e.regions, offsets: e.offsets}, cpus: e.cpus}, nil
+}
+
+// Limits on what a dump's headers may ask for. QEMU writes one CORE and one
+// QEMU note per vCPU (under 1 KiB together), and at most a few PT_LOADs
+// per RAM block.
+const (
+	maxDumpNotes = 16 << 20 // bytes of PT_NOTE, all segments together
+	maxDumpCPUs  = 16384    // KVM allows 4096 vCPUs
+)
+
+// elfDump is what a dump's headers say.
+type elfDump struct {
+	regions []Region
+	offsets []int64 // file offset of each region
+	cpus    []CPUState
+}
+
+// parseELFDump reads the ELF header, program headers and notes of a dump of
+// size bytes. Every size and offset is checked against the file before it
+// is used, so a damaged or hostile dump is an error, never a panic or a
+// giant allocation.
+func parseELFDump(r io.ReaderAt, size int64) (*elfDump, error) {
+	ef, err := elf.NewFile(io.NewSectionReader(r, 0, size))
+	if err != nil {
+		return nil, elfHeaderError(r, size, err)
+	}
+	if ef.Class != elf.ELFCLASS64 || ef.Machine != elf.EM_X86_64 || ef.Type != elf.ET_CORE {
+		return nil, fmt.Errorf("not an x86-64 ELF core (class %v, machine %v, type %v)", ef.Class, ef.Machine, ef.Type)
+	}
+	d := &elfDump{}
 	type load struct {
 		r   Region
 		off int64
 	}
 	var loads []load
-	for _, p := range ef.Progs {
+	notes := uint64(0)
+	fsize := uint64(size)
+	for i, p := range ef.Progs {
 		switch p.Type {
 		case elf.PT_LOAD:
 			if p.Filesz == 0 {
 				continue
 			}
-			if p.Off+p.Filesz > uint64(st.Size()) {
-				return nil, fmt.Errorf("segment at guest-physical %#x needs file bytes up to %d, file has %d (truncated?)", p.Paddr, p.Off+p.Filesz, st.Size())
+			if p.Filesz > fsize || p.Off > fsize-p.Filesz {
+				return nil, fmt.Errorf("segment %d at guest-physical %#x needs file bytes %d-%d, the file has %d (truncated?)", i, p.Paddr, p.Off, p.Off+p.Filesz, fsize)
+			}
+			if p.Paddr+p.Filesz < p.Paddr {
+				return nil, fmt.Errorf("segment %d at guest-physical %#x of %d bytes wraps around the address space", i, p.Paddr, p.Filesz)
 			}
 			loads = append(loads, load{Region{GPA: p.Paddr, Size: p.Filesz, Name: fmt.Sprintf("load@%#x", p.Paddr)}, int64(p.Off)})
 		case elf.PT_NOTE:
+			if p.Filesz > maxDumpNotes-notes {
+				return nil, fmt.Errorf("note segment %d of %d bytes: more than %d bytes of notes in all (QEMU writes under 1 KiB per vCPU)", i, p.Filesz, maxDumpNotes)
+			}
+			if p.Filesz > fsize || p.Off > fsize-p.Filesz {
+				return nil, fmt.Errorf("note segment %d needs file bytes %d-%d, the file has %d (truncated?)", i, p.Off, p.Off+p.Filesz, fsize)
+			}
+			notes += p.Filesz
 			buf := make([]byte, p.Filesz)
-			if _, err := f.ReadAt(buf, int64(p.Off)); err != nil {
-				return nil, fmt.Errorf("reading notes: %w", err)
+			if _, err := r.ReadAt(buf, int64(p.Off)); err != nil {
+				return nil, fmt.Errorf("reading note segment %d, file bytes %d-%d: %w", i, p.Off, p.Off+p.Filesz, err)
 			}
 			cpus, err := parseQEMUNotes(buf)
 			if err != nil {
-				return nil, err
+				return nil, fmt.Errorf("note segment %d at file offset %d: %w", i, p.Off, err)
 			}
 			d.cpus = append(d.cpus, cpus...)
+			if len(d.cpus) > maxDumpCPUs {
+				return nil, fmt.Errorf("more than %d vCPU notes", maxDumpCPUs)
+			}
 		}
 	}
 	if len(loads) == 0 {
@@ -161,6 +203,26 @@ func readELFDump(path string, f *os.File) (*Dump, error) {
 		d.cpus[i].Index = i
 	}
 	return d, nil
+}
+
+// elfHeaderError explains a failure to read the ELF header or the program
+// headers: for a file that ends early, where it ends and what it cut.
+func elfHeaderError(r io.ReaderAt, size int64, err error) error {
+	if !errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF) {
+		return fmt.Errorf("reading the ELF header and program headers: %w", err)
+	}
+	const ehdrSize = 64
+	if size < ehdrSize {
+		return fmt.Errorf("the file is %d bytes, shorter than an ELF header (%d): truncated (%w)", size, ehdrSize, err)
+	}
+	var h [ehdrSize]byte
+	if _, rerr := r.ReadAt(h[:], 0); rerr == nil {
+		le := binary.LittleEndian
+		phoff, phentsize, phnum := le.Uint64(h[32:]), uint64(le.Uint16(h[54:])), uint64(le.Uint16(h[56:]))
+		return fmt.Errorf("the file ends at byte %d, inside the program headers (%d of %d bytes at offset %d): truncated (%w)",
+			size, phnum, phentsize, phoff, err)
+	}
+	return fmt.Errorf("the file ends at byte %d, inside the ELF headers: truncated (%w)", size, err)
 }
 
 // Layout of QEMU's per-CPU note (QEMUCPUState, target/i386/arch_dump.c):
