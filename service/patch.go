@@ -172,7 +172,7 @@ func instLines(insts []introspect.Inst) []string {
 }
 
 func writePlan(w io.Writer, p *Plan) {
-	fmt.Fprintf(w, "plan for patch %s on kernel %s", p.Patch, p.Release)
+	fmt.Fprintf(w, "plan for patch %s on kernel %s", p.Patch, Escape(p.Release))
 	if p.BuildID != "" {
 		fmt.Fprintf(w, " (build id %s)", p.BuildID)
 	}
@@ -329,7 +329,7 @@ func StatusOf(st *patcher.Status) Status {
 }
 
 func (s Status) WriteText(w io.Writer) error {
-	fmt.Fprintf(w, "domain %s, kernel %s\n", s.Domain, s.Release)
+	fmt.Fprintf(w, "domain %s, kernel %s\n", Escape(s.Domain), Escape(s.Release))
 	if len(s.Patches) == 0 {
 		fmt.Fprintln(w, "no patches applied")
 	} else {
@@ -362,7 +362,7 @@ func (s Status) WriteText(w io.Writer) error {
 				users[c.AreaEntry] = append(users[c.AreaEntry], c.Symbol)
 			}
 			for _, name := range order {
-				fmt.Fprintf(w, "%s: code-area entry %s, entered from %s\n", p.ID, name, strings.Join(users[name], ", "))
+				fmt.Fprintf(w, "%s: code-area entry %s, entered from %s\n", p.ID, Escape(name), Escape(strings.Join(users[name], ", ")))
 			}
 		}
 	}

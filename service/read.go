@@ -54,7 +54,7 @@ type Listing struct {
 
 func (l Listing) WriteText(w io.Writer) error {
 	for _, in := range l.Insts {
-		if _, err := fmt.Fprintf(w, "%s %-28s %-24s %s\n", in.Addr, "<"+in.Where+">:", spaced(in.Bytes), in.Text); err != nil {
+		if _, err := fmt.Fprintf(w, "%s %-28s %-24s %s\n", Escape(in.Addr), "<"+Escape(in.Where)+">:", Escape(spaced(in.Bytes)), Escape(in.Text)); err != nil {
 			return err
 		}
 	}

@@ -31,7 +31,7 @@ func (ds Domains) WriteText(w io.Writer) error {
 		if d.ID > 0 {
 			id = strconv.Itoa(d.ID)
 		}
-		rows[i] = []string{id, d.Name, d.State, d.UUID}
+		rows[i] = []string{id, Escape(d.Name), Escape(d.State), Escape(d.UUID)}
 	}
 	return Table(w, []string{"id", "name", "state", "uuid"}, rows)
 }
@@ -69,7 +69,7 @@ func (r Info) WriteText(w io.Writer) error {
 	yes := map[bool]string{true: "yes", false: "no"}
 	attach := time.Duration(math.Round(r.AttachMS*1000)) * time.Microsecond
 	rows := [][2]string{
-		{"Source", r.Source}, {"Release", r.Release}, {"Banner", r.Banner},
+		{"Source", Escape(r.Source)}, {"Release", Escape(r.Release)}, {"Banner", Escape(r.Banner)},
 		{"Kernel image", r.Text + "-" + r.End},
 		{"KASLR slide", r.Slide}, {"Physical base", r.PhysBase},
 		{"Direct map", r.DirectMapBase}, {"Paging", r.Paging}, {"CR3", r.CR3},
@@ -122,17 +122,17 @@ func (r SymLookup) WriteText(w io.Writer) error {
 		addr, _ := strconv.ParseUint(s.Addr, 0, 64)
 		mod := ""
 		if s.Module != "" {
-			mod = "\t[" + s.Module + "]"
+			mod = "\t[" + Escape(s.Module) + "]"
 		}
 		var err error
 		if r.ByAddr {
-			_, err = fmt.Fprintf(w, "%016x %s %s+%#x%s\n", addr+s.Offset, s.Type, s.Name, s.Offset, mod)
+			_, err = fmt.Fprintf(w, "%016x %s %s+%#x%s\n", addr+s.Offset, Escape(s.Type), Escape(s.Name), s.Offset, mod)
 		} else {
 			size := ""
 			if s.Size > 0 {
 				size = fmt.Sprintf(" (size %#x)", s.Size)
 			}
-			_, err = fmt.Fprintf(w, "%016x %s %s%s%s\n", addr, s.Type, s.Name, mod, size)
+			_, err = fmt.Fprintf(w, "%016x %s %s%s%s\n", addr, Escape(s.Type), Escape(s.Name), mod, size)
 		}
 		if err != nil {
 			return err
@@ -172,10 +172,10 @@ func (l SymbolList) WriteText(w io.Writer) error {
 	for _, s := range l {
 		addr, _ := strconv.ParseUint(s.Addr, 0, 64)
 		var typ byte = '?'
-		if s.Type != "" {
+		if s.Type != "" && s.Type[0] > ' ' && s.Type[0] < 0x7f {
 			typ = s.Type[0]
 		}
-		syms = append(syms, symbols.Symbol{Name: s.Name, Addr: addr, Type: typ, Module: s.Module})
+		syms = append(syms, symbols.Symbol{Name: Escape(s.Name), Addr: addr, Type: typ, Module: Escape(s.Module)})
 	}
 	return symbols.NewTable(syms).WriteKallsyms(w)
 }
@@ -262,7 +262,7 @@ func Ps(source string, k *introspect.Kernel) (Tasks, error) {
 func (ts Tasks) WriteText(w io.Writer) error {
 	rows := make([][]string, 0, len(ts))
 	for _, t := range ts {
-		rows = append(rows, []string{fmt.Sprint(t.PID), fmt.Sprint(t.PPID), t.State, t.Comm, t.Task})
+		rows = append(rows, []string{fmt.Sprint(t.PID), fmt.Sprint(t.PPID), Escape(t.State), Escape(t.Comm), Escape(t.Task)})
 	}
 	return Table(w, []string{"pid", "ppid", "s", "comm", "task"}, rows)
 }
@@ -292,7 +292,7 @@ func Lsmod(source string, k *introspect.Kernel) (Modules, error) {
 func (ms Modules) WriteText(w io.Writer) error {
 	rows := make([][]string, 0, len(ms))
 	for _, m := range ms {
-		rows = append(rows, []string{m.Name, fmt.Sprint(m.Size), m.Base})
+		rows = append(rows, []string{Escape(m.Name), fmt.Sprint(m.Size), Escape(m.Base)})
 	}
 	return Table(w, []string{"module", "size", "base"}, rows)
 }
