@@ -6,7 +6,7 @@ GO        ?= go
 GUEST_DIR := .cache/guest
 BIN       := bin
 
-.PHONY: all build host guest demo test unit vet fmt-check bench clean
+.PHONY: all build host guest demo test unit vet fmt-check tidy-check staticcheck bench clean
 
 all: build
 
@@ -21,8 +21,9 @@ guest: host
 
 # The integration tests boot real guests under libvirt; they are part of the
 # normal test run, not an opt-in.
-test: guest vet fmt-check
+test: guest vet fmt-check tidy-check staticcheck
 	$(GO) test -count=1 -timeout 25m ./...
+	$(GO) test -count=1 -race -short -timeout 10m ./daemon ./hypervisor
 	$(GO) test -run '^$$' -fuzz FuzzParsePatch -fuzztime 10s ./patcher
 	$(GO) test -run '^$$' -fuzz FuzzDecodeKallsyms -fuzztime 10s ./symbols
 
@@ -36,6 +37,18 @@ vet:
 fmt-check:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+# go.mod and go.sum as go mod tidy leaves them (prints the difference).
+tidy-check:
+	$(GO) mod tidy -diff
+
+# A pinned staticcheck from the Go module proxy, built into a cache outside
+# the repository.
+STATICCHECK_VERSION := v0.8.2
+TOOLS_DIR ?= $(HOME)/.cache/hvpatch-tools/staticcheck-$(STATICCHECK_VERSION)
+staticcheck:
+	@test -x $(TOOLS_DIR)/staticcheck || GOBIN=$(TOOLS_DIR) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+	$(TOOLS_DIR)/staticcheck ./...
 
 demo: guest build
 	bash testdata/demo.sh

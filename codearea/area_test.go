@@ -281,7 +281,6 @@ func TestInstallRelease(t *testing.T) {
 		return []thread{{pid: 42, comm: "reader", stack: fxDirect + stackPA, sp: fxDirect + stackPA + 0x3f00}}, nil
 	}
 	w.cpus = []hypervisor.CPUState{{Index: 1, RIP: pa.TextVA + 3, RSP: fxDirect + stackPA + 0x3e00}}
-	snap = bytes.Clone(m.b)
 	var busy *InUseError
 	if err := r.ReleaseWait(ctx, w, pa.Name, 0); !errors.As(err, &busy) || !strings.Contains(err.Error(), "vCPU 1 executes it") {
 		t.Fatalf("release while a vCPU runs the code: %v", err)

@@ -165,13 +165,12 @@ func testSIGKILL(t *testing.T, writer string) {
 			}
 		}
 		if !running {
-			st, _ := hv.State(ctx)
 			ps, _ := exec.Command("sh", "-c", "ps -eo pid,ppid,stat,etimes,args | grep -e hvpatchd -e gdbstub | grep -v grep").CombinedOutput()
 			t.Logf("processes (%d guards left):\n%s", guardsLeft, ps)
 			qs, err := hv.HMP(ctx, "info status")
 			t.Logf("QEMU: %q %v", qs, err)
 			time.Sleep(5 * time.Second)
-			st, _ = hv.State(ctx)
+			st, _ := hv.State(ctx)
 			qs, err = hv.HMP(ctx, "info status")
 			t.Logf("5 s later: libvirt %s, QEMU: %q %v", st, qs, err)
 			t.Fatalf("op %d (%s, killed after %v): domain left %s", i, kind, delay, st)

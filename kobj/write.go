@@ -86,7 +86,7 @@ func (f *File) Write() ([]byte, error) {
 		}
 		secs = append(secs, out{name: s.Name, typ: s.Type, flags: s.Flags, data: s.Data, size: size, addralign: s.Addralign, entsize: s.Entsize})
 	}
-	symtabIndex := uint32(len(f.Sections) + 1)
+	var symtabIndex uint32 // set once the sections are laid out
 	for _, s := range f.Sections {
 		if len(s.Relocs) == 0 {
 			continue

@@ -67,13 +67,13 @@ func testGuestKernel(t *testing.T, series string) {
 	t.Logf("guest build: %+v", b)
 
 	start := time.Now()
-	tree, err := Prepare(ctx, b, Options{Progress: func(m string) { t.Log(m) }})
+	_, err = Prepare(ctx, b, Options{Progress: func(m string) { t.Log(m) }})
 	if err != nil {
 		t.Fatal(err)
 	}
 	first := time.Since(start)
 	start = time.Now()
-	tree, err = Prepare(ctx, b, Options{})
+	tree, err := Prepare(ctx, b, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

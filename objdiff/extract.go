@@ -51,7 +51,6 @@ func Extract(in Inputs) (*Extracted, error) {
 type extractor struct {
 	in      Inputs
 	include map[*kobj.Section]bool
-	order   []*kobj.Section
 	// ext maps an After symbol used but not included to the undefined
 	// symbol standing for it in the output.
 	ext    map[*kobj.Symbol]*kobj.Symbol

@@ -262,7 +262,7 @@ func (lg *liveGuest) testRIPChecked(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	res, err = lg.pt.Apply(ctx, sus, p, ApplyOptions{PlanOptions: PlanOptions{RIPChecked: true}})
+	_, err = lg.pt.Apply(ctx, sus, p, ApplyOptions{PlanOptions: PlanOptions{RIPChecked: true}})
 	if err != nil {
 		t.Fatal(err)
 	}

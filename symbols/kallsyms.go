@@ -106,7 +106,7 @@ func DecodeKallsymsContext(ctx context.Context, img []byte, base uint64) (*Table
 
 // DecodeKallsymsInfo is DecodeKallsyms that also says where the tables are.
 func DecodeKallsymsInfo(img []byte, base uint64) (*Table, *KallsymsInfo, error) {
-	return decodeKallsyms(nil, img, base, MaxDecodeWork)
+	return decodeKallsyms(context.Background(), img, base, MaxDecodeWork)
 }
 
 // The search is bounded, for memory a guest controls: a guest can plant

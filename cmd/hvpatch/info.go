@@ -96,5 +96,3 @@ func newInfoCmd(a *app) *cobra.Command {
 	src.flags(cmd)
 	return cmd
 }
-
-func hexAddr(v uint64) string { return service.HexAddr(v) }

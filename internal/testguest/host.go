@@ -40,7 +40,6 @@ func (k Kernel) Vmlinux() string { return filepath.Join(k.Dir, "vmlinux") }
 var (
 	prepareOnce sync.Once
 	prepareErr  error
-	repoRoot    string
 )
 
 // RepoRoot is the directory holding hvpatch's go.mod.
@@ -120,7 +119,6 @@ func prepareHost() error {
 			prepareErr = err
 			return
 		}
-		repoRoot = root
 		scripts := []string{"testdata/guest/build.sh"}
 		if l, err := connect(); err == nil {
 			l.Disconnect()
