@@ -278,7 +278,7 @@ type PatchStatus struct {
 	ID         string      `json:"id"`
 	Journal    string      `json:"journal_state"`
 	Memory     string      `json:"memory"`
-	Time       time.Time   `json:"time"`
+	Time       time.Time   `json:"time,omitzero"` // absent when the journal has no time
 	FreezeUS   float64     `json:"freeze_window_us,omitempty"`
 	Edits      int         `json:"edits"`
 	Difference string      `json:"difference,omitempty"`
@@ -304,8 +304,16 @@ type Declared struct {
 	State   string    `json:"state"` // applied, pending, refused, failing
 	Reason  string    `json:"reason,omitempty"`
 	KeyID   string    `json:"key_id,omitempty"`
-	Since   time.Time `json:"since,omitempty"`
-	NextTry time.Time `json:"next_try,omitempty"`
+	Since   time.Time `json:"since,omitzero"`
+	NextTry time.Time `json:"next_try,omitzero"`
+}
+
+// formatTime is an RFC 3339 time, or "-" for none (never 0001-01-01).
+func formatTime(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return t.Format(time.RFC3339)
 }
 
 // StatusOf converts a reconciled status.
@@ -339,7 +347,7 @@ func (s Status) WriteText(w io.Writer) error {
 			if p.FreezeUS > 0 {
 				win = fmt.Sprintf("%.0fµs", p.FreezeUS)
 			}
-			rows = append(rows, []string{p.ID, p.Journal, p.Memory, p.Time.Format(time.RFC3339), win, fmt.Sprint(p.Edits)})
+			rows = append(rows, []string{p.ID, p.Journal, p.Memory, formatTime(p.Time), win, fmt.Sprint(p.Edits)})
 		}
 		if err := Table(w, []string{"id", "journal", "memory", "applied at", "freeze window", "edits"}, rows); err != nil {
 			return err

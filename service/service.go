@@ -11,6 +11,7 @@ import (
 	"io"
 	"math"
 	"regexp"
+	"sort"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -23,6 +24,28 @@ import (
 
 // Domains is the domain list.
 type Domains []hypervisor.DomainInfo
+
+// Listed is the list virsh list prints: the active domains (those with an
+// id) by id, then with all the inactive ones by name.
+func (ds Domains) Listed(all bool) Domains {
+	out := Domains{}
+	for _, d := range ds {
+		if all || d.ID > 0 {
+			out = append(out, d)
+		}
+	}
+	sort.SliceStable(out, func(i, j int) bool {
+		a, b := out[i], out[j]
+		if (a.ID > 0) != (b.ID > 0) {
+			return a.ID > 0
+		}
+		if a.ID > 0 && a.ID != b.ID {
+			return a.ID < b.ID
+		}
+		return a.Name < b.Name
+	})
+	return out
+}
 
 func (ds Domains) WriteText(w io.Writer) error {
 	rows := make([][]string, len(ds))

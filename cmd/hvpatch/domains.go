@@ -8,10 +8,13 @@ import (
 func init() { addCommand(newDomainsCmd) }
 
 func newDomainsCmd(a *app) *cobra.Command {
-	return &cobra.Command{
+	var all bool
+	cmd := &cobra.Command{
 		Use:   "domains",
-		Short: "List libvirt domains",
-		Args:  cobra.NoArgs,
+		Short: "List libvirt domains, like virsh list",
+		Long: "Lists the active domains, running first by id then by name, as virsh list does;\n" +
+			"--all lists the inactive ones too (after the active ones, by name).",
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
 			var doms service.Domains
@@ -32,7 +35,10 @@ func newDomainsCmd(a *app) *cobra.Command {
 					return err
 				}
 			}
+			doms = doms.Listed(all)
 			return a.out.Emit(doms, doms.WriteText)
 		},
 	}
+	cmd.Flags().BoolVarP(&all, "all", "a", false, "list inactive domains too, like virsh list --all")
+	return cmd
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"strings"
 
 	"github.com/hvpatch/hvpatch/hypervisor"
 	"github.com/hvpatch/hvpatch/introspect"
@@ -16,9 +17,11 @@ func init() { addCommand(newInfoCmd) }
 type kernelSource struct {
 	dump    string
 	backend string
+	cmd     *cobra.Command
 }
 
 func (s *kernelSource) flags(cmd *cobra.Command) {
+	s.cmd = cmd
 	cmd.Flags().StringVar(&s.dump, "dump", "", "read an ELF memory dump (virsh dump --memory-only) instead of a running domain")
 	cmd.Flags().StringVar(&s.backend, "backend", "", "guest memory access for running domains: memfd, process, or empty for the best available")
 }
@@ -28,12 +31,15 @@ func (s *kernelSource) flags(cmd *cobra.Command) {
 func (s *kernelSource) split(args []string, want int, usage string) (string, []string, error) {
 	if s.dump != "" {
 		if len(args) != want {
-			return "", nil, fmt.Errorf("usage: hvpatch %s (with --dump, no DOMAIN)", usage)
+			return "", nil, usageErr(s.cmd, "with --dump FILE, no DOMAIN: want hvpatch %s, got %d argument(s)", strings.Replace(usage, "DOMAIN", "--dump FILE", 1), len(args))
 		}
 		return s.dump, args, nil
 	}
+	if len(args) == 0 {
+		return "", nil, usageErr(s.cmd, "no DOMAIN: want hvpatch %s, or --dump FILE (a virsh dump --memory-only file) instead of DOMAIN", usage)
+	}
 	if len(args) != want+1 {
-		return "", nil, fmt.Errorf("usage: hvpatch %s", usage)
+		return "", nil, usageErr(s.cmd, "want hvpatch %s (or --dump FILE instead of DOMAIN), got %d argument(s)", usage, len(args))
 	}
 	return args[0], args[1:], nil
 }

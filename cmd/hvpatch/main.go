@@ -48,7 +48,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 		enc.Encode(service.ErrorJSON{Error: msg, Domain: a.domain, Kind: kind})
 		return code
 	}
-	fmt.Fprintln(stderr, "hvpatch: "+msg)
+	// Control characters an error may quote from the guest are escaped in
+	// text (encoding/json escapes them in the JSON form).
+	fmt.Fprintln(stderr, "hvpatch: "+service.EscapeControls(msg))
 	if ue != nil {
 		fmt.Fprint(stderr, "\n"+ue.usageText())
 	}

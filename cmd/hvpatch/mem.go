@@ -33,7 +33,7 @@ func newMemCmd(a *app) *cobra.Command {
 		Args: cobra.RangeArgs(1, 2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if phys == "" {
-				return fmt.Errorf("--phys ADDR is required")
+				return usageErr(cmd, "--phys ADDR is required")
 			}
 			gpa, err := parseNum(phys)
 			if err != nil {
@@ -42,12 +42,12 @@ func newMemCmd(a *app) *cobra.Command {
 			var source string
 			if dump == "" {
 				if len(args) != 2 {
-					return fmt.Errorf("usage: hvpatch mem read DOMAIN --phys ADDR LEN")
+					return usageErr(cmd, "want hvpatch mem read DOMAIN --phys ADDR LEN, got %d argument(s)", len(args))
 				}
 				source, args = args[0], args[1:]
 			} else {
 				if len(args) != 1 {
-					return fmt.Errorf("usage: hvpatch mem read --dump FILE --phys ADDR LEN")
+					return usageErr(cmd, "want hvpatch mem read --dump FILE --phys ADDR LEN (no DOMAIN), got %d argument(s)", len(args))
 				}
 				source = dump
 			}
