@@ -13,6 +13,7 @@ import (
 	"syscall"
 
 	"github.com/hvpatch/hvpatch/daemon"
+	"github.com/hvpatch/hvpatch/internal/buildinfo"
 	"github.com/spf13/pflag"
 )
 
@@ -37,6 +38,9 @@ func main() {
 	}
 }
 
+// stdout is where --version prints (a variable for tests).
+var stdout io.Writer = os.Stdout
+
 // parseArgs reads the flags and the configuration. It returns nil and the
 // exit status when hvpatchd must not start (--help: 0; a bad flag, argument
 // or setting: 2, after saying why on stderr).
@@ -44,6 +48,7 @@ func parseArgs(args []string, stderr io.Writer) (*daemon.Config, int) {
 	fs := pflag.NewFlagSet("hvpatchd", pflag.ContinueOnError)
 	fs.SetOutput(stderr)
 	daemon.Flags(fs)
+	version := fs.Bool("version", false, "print the version (module version and VCS revision) and exit")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "Usage: hvpatchd [flags]\n\nKeeps the patches of the patch directory applied to the guests they select,\nand serves hvpatch's API. Flags override HVPATCHD_* environment variables,\nwhich override the configuration file.\n\n%s", fs.FlagUsages())
 	}
@@ -53,6 +58,10 @@ func parseArgs(args []string, stderr io.Writer) (*daemon.Config, int) {
 		}
 		fmt.Fprintf(stderr, "hvpatchd: %v (hvpatchd --help lists the flags)\n", err)
 		return nil, 2
+	}
+	if *version {
+		fmt.Fprintln(stdout, "hvpatchd", buildinfo.Read().String())
+		return nil, 0
 	}
 	if fs.NArg() > 0 {
 		fmt.Fprintf(stderr, "hvpatchd: unexpected argument %q: hvpatchd takes only flags (hvpatchd --help lists them)\n", fs.Arg(0))

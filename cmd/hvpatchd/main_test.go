@@ -38,3 +38,14 @@ func TestParseArgs(t *testing.T) {
 		}
 	}
 }
+
+func TestVersionFlag(t *testing.T) {
+	var out, stderr bytes.Buffer
+	old := stdout
+	stdout = &out
+	defer func() { stdout = old }()
+	cfg, code := parseArgs([]string{"--version"}, &stderr)
+	if cfg != nil || code != 0 || !strings.HasPrefix(out.String(), "hvpatchd ") || stderr.Len() != 0 {
+		t.Errorf("--version: cfg %v, exit %d, stdout %q, stderr %q", cfg, code, out.String(), stderr.String())
+	}
+}
