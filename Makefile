@@ -24,8 +24,19 @@ guest: host
 test: guest vet fmt-check tidy-check staticcheck
 	$(GO) test -count=1 -timeout 25m ./...
 	$(GO) test -count=1 -race -short -timeout 10m ./daemon ./hypervisor
-	$(GO) test -run '^$$' -fuzz FuzzParsePatch -fuzztime 10s ./patcher
-	$(GO) test -run '^$$' -fuzz FuzzDecodeKallsyms -fuzztime 10s ./symbols
+	$(MAKE) --no-print-directory fuzz FUZZTIME=5s
+
+# Fuzz targets (PACKAGE:TARGET) over guest data and operator input: `make
+# test` runs each for 5 s, `make fuzz` for FUZZTIME each.
+FUZZ := ./patcher:FuzzParsePatch ./symbols:FuzzDecodeKallsyms \
+	./introspect:FuzzPageWalk ./introspect:FuzzFieldOf ./introspect:FuzzTaskWalk ./introspect:FuzzModuleWalk \
+	./codearea:FuzzDecodeHeader ./codearea:FuzzScanTables ./hypervisor:FuzzParseELFDump ./hypervisor:FuzzParseMonitor
+FUZZTIME ?= 60s
+
+.PHONY: fuzz
+fuzz:
+	@set -e; for t in $(FUZZ); do echo "fuzz $${t#*:} ($(FUZZTIME))"; \
+		$(GO) test -run '^$$' -fuzz "^$${t#*:}\$$" -fuzztime $(FUZZTIME) $${t%%:*}; done
 
 # Unit tests only: no libvirt, no guests.
 unit:
