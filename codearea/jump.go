@@ -125,5 +125,6 @@ func LinkForSymbol(k *introspect.Kernel, sym symbols.Symbol) (linker.Options, li
 		a, err := k.Symbols.Addr(name)
 		return a, err == nil
 	}
+	opt.Resolve, opt.ReadGuest = resolve, k.AS.ReadVirt
 	return opt, resolve, nil
 }

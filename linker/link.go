@@ -50,6 +50,12 @@ type Options struct {
 	// Linux 6.1), AltLayout612 (14 bytes, 6.3 and later) or AltLayoutAuto
 	// (told apart by the section's size and relocation offsets).
 	AltLayout int
+
+	// ReadGuest reads guest memory and Resolve gives a kernel symbol's
+	// address; runtime constants (runtime_ptr_*, runtime_shift_*) take
+	// their values from the guest's variables through them.
+	ReadGuest func(addr uint64, b []byte) error
+	Resolve   Resolver
 }
 
 // ReturnThunk is the symbol gcc's -mfunction-return=thunk-extern jumps to

@@ -175,7 +175,7 @@ func parse(name string, data []byte) (*Object, []error) {
 	skippedByIndex := make(map[int]string)
 	specialByIndex := make(map[int]*specialSection)
 	for i, s := range f.Sections {
-		if processedSections[s.Name] && s.Flags&elf.SHF_ALLOC != 0 && s.Type == elf.SHT_PROGBITS {
+		if isProcessed(s.Name) && s.Flags&elf.SHF_ALLOC != 0 && s.Type == elf.SHT_PROGBITS {
 			data, err := s.Data()
 			if err != nil {
 				errs = append(errs, fmt.Errorf("section %s: reading contents: %w", s.Name, err))
@@ -301,7 +301,7 @@ func classify(index int, s *elf.Section) (*section, string, error) {
 	if s.Flags&elf.SHF_ALLOC == 0 {
 		return nil, "not allocated (comments, debug info, markers)", nil
 	}
-	if processedSections[s.Name] {
+	if isProcessed(s.Name) {
 		// parse reads the PROGBITS ones into Object.special
 		return nil, "", &SectionError{Section: s.Name, Reason: fmt.Sprintf("section type %v, want PROGBITS", s.Type)}
 	}

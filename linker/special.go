@@ -35,6 +35,18 @@ const (
 // processedSections are read by the linker and not placed.
 var processedSections = map[string]bool{secJumpTable: true, secAltInstr: true, secBugTable: true, secExTable: true}
 
+// Runtime constants (Linux 6.10+, asm/runtime-const.h): the immediate of a
+// `mov $imm64, %reg` (runtime_ptr_SYM) or `shr $imm8, %reg`
+// (runtime_shift_SYM) that the kernel writes at boot from the variable SYM.
+const (
+	secRuntimePtr   = "runtime_ptr_"
+	secRuntimeShift = "runtime_shift_"
+)
+
+func isProcessed(name string) bool {
+	return processedSections[name] || strings.HasPrefix(name, secRuntimePtr) || strings.HasPrefix(name, secRuntimeShift)
+}
+
 // placedAsText are executable sections with a kernel-special name that are
 // ordinary code once linked: the replacement instructions of alternatives
 // (copied over the original by the linker) and the slow paths that
@@ -261,6 +273,11 @@ func (c *specialCtx) process() []error {
 	}
 	if sp := c.o.special[secBugTable]; sp != nil {
 		errs = append(errs, c.bugs(sp)...)
+	}
+	for _, name := range sortedSpecials(c.o.special) {
+		if strings.HasPrefix(name, secRuntimePtr) || strings.HasPrefix(name, secRuntimeShift) {
+			errs = append(errs, c.runtimeConsts(c.o.special[name])...)
+		}
 	}
 	if len(c.patched) > 0 {
 		for i := range c.img.Map.Relocations {
@@ -631,4 +648,69 @@ func (b BugSite) fileLine() string {
 		f = f[i+1:]
 	}
 	return fmt.Sprintf("%s:%d", f, b.Line)
+}
+
+func sortedSpecials(m map[string]*specialSection) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// runtimeConsts writes each runtime constant's immediate with the value the
+// guest's kernel wrote into its own copies at boot: the variable's current
+// value, read from guest memory (8 bytes for a pointer, the low byte of a
+// 32-bit shift count).
+func (c *specialCtx) runtimeConsts(sp *specialSection) []error {
+	ptr := strings.HasPrefix(sp.name, secRuntimePtr)
+	sym := strings.TrimPrefix(strings.TrimPrefix(sp.name, secRuntimePtr), secRuntimeShift)
+	fail := func(site, format string, a ...any) []error {
+		return []error{&SpecialError{Section: sp.name, Site: site, Reason: fmt.Sprintf(format, a...)}}
+	}
+	if len(sp.data)%4 != 0 {
+		return fail("", "size %d is not a multiple of 4", len(sp.data))
+	}
+	if c.opt.ReadGuest == nil || c.opt.Resolve == nil {
+		return fail("", "runtime constant %s: the linker needs the guest's value (Options.ReadGuest and Options.Resolve)", sym)
+	}
+	addr, ok := c.opt.Resolve(sym)
+	if !ok {
+		return fail("", "runtime constant %s: the guest's kallsyms has no such variable", sym)
+	}
+	var raw [8]byte
+	width := 8
+	if !ptr {
+		width = 4
+	}
+	if err := c.opt.ReadGuest(addr, raw[:width]); err != nil {
+		return fail("", "runtime constant %s: reading it at %#x: %v", sym, addr, err)
+	}
+	val := binary.LittleEndian.Uint64(raw[:])
+	var errs []error
+	for i := uint64(0); i < uint64(len(sp.data)); i += 4 {
+		p, err := c.o.placeOf(sp, i)
+		if err != nil {
+			errs = append(errs, fail("", "entry %d: %v", i/4, err)...)
+			continue
+		}
+		site := c.o.where(p.sec, p.off)
+		b := c.bytesOf(p.sec)
+		switch {
+		case ptr && p.off+8 <= uint64(len(b)):
+			binary.LittleEndian.PutUint64(b[p.off:], val)
+		case !ptr && p.off < uint64(len(b)):
+			if val > 63 {
+				errs = append(errs, fail(site, "shift count %d of %s is not a shift", val, sym)...)
+				continue
+			}
+			b[p.off] = byte(val)
+		default:
+			errs = append(errs, fail(site, "the immediate lies outside its section")...)
+			continue
+		}
+		c.img.Map.Notes = append(c.img.Map.Notes, fmt.Sprintf("runtime constant %s at %s set to %#x from the guest", sym, site, val))
+	}
+	return errs
 }

@@ -54,18 +54,33 @@ var specials = []special{
 	{name: ".retpoline_sites", size: 4, note: "retpoline thunk calls are linked to the guest's thunks"},
 	{name: ".return_sites", size: 4, note: "returns are linked as the guest returns (ret or its return thunk)"},
 	{name: ".call_sites", size: 4, note: "call-depth tracking sites are not needed in the code area"},
-	{name: ".ibt_endbr_seal", size: 4, note: "sealing of unused endbr64 is not needed in the code area"},
+	{name: ".ibt_endbr_seal", size: 4, patched: true, siteLen: 4, note: "sealing of unused endbr64 is not needed in the code area"},
 	{name: "__mcount_loc", size: 8, note: "the fentry call of new code is a NOP; ftrace does not know the code area"},
 	{name: "__patchable_function_entries", size: 8, note: "the fentry call of new code is a NOP; ftrace does not know the code area"},
 	{name: ".orc_unwind_ip", size: 4, note: "ORC unwind data is not registered for the code area (stack traces through it are unreliable)"},
 	{name: ".orc_unwind", size: 6, note: "ORC unwind data is not registered for the code area"},
 }
 
+// Runtime constants (6.10+, arch/x86/include/asm/runtime-const.h): a
+// `mov $imm64` or `shr $imm8` whose immediate the kernel writes at boot
+// from a variable (USER_PTR_MAX, the dentry hash); each
+// runtime_ptr_SYM / runtime_shift_SYM section lists the immediates.
+var (
+	runtimePtr   = special{name: "runtime_ptr_", size: 4, keep: true, patched: true, siteLen: 8}
+	runtimeShift = special{name: "runtime_shift_", size: 4, keep: true, patched: true, siteLen: 1}
+)
+
 func specialOf(name string) *special {
 	for i := range specials {
 		if specials[i].name == name {
 			return &specials[i]
 		}
+	}
+	switch {
+	case strings.HasPrefix(name, runtimePtr.name):
+		return &runtimePtr
+	case strings.HasPrefix(name, runtimeShift.name):
+		return &runtimeShift
 	}
 	return nil
 }
