@@ -177,11 +177,11 @@ func TestCLIWithAndWithoutDaemon(t *testing.T) {
 		t.Fatal(err)
 	}
 	symOut, _, _ := cli(t, nil, "--standalone", "--json", "sym", g.Name, "version_proc_show")
-	var syms []service.Symbol
-	if err := json.Unmarshal([]byte(symOut), &syms); err != nil || len(syms) != 1 {
+	var syms service.SymLookup
+	if err := json.Unmarshal([]byte(symOut), &syms); err != nil || len(syms.Symbols) != 1 {
 		t.Fatalf("sym: %q %v", symOut, err)
 	}
-	addr, _ := strconv.ParseUint(syms[0].Addr, 0, 64)
+	addr, _ := strconv.ParseUint(syms.Symbols[0].Addr, 0, 64)
 	dry := "" // guest-physical address of the symbol, for mem read
 	{
 		var r service.PatchResult

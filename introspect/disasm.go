@@ -3,6 +3,8 @@ package introspect
 import (
 	"bytes"
 	"fmt"
+	"strconv"
+	"strings"
 
 	"golang.org/x/arch/x86/x86asm"
 )
@@ -12,8 +14,21 @@ type Inst struct {
 	Addr  uint64
 	Len   int
 	Bytes []byte
-	Text  string // AT&T syntax, like objdump and QEMU's "x /i"
+	Text  string // AT&T syntax as objdump and crash's dis print it (immediates unsigned, call/ret/jmp without suffix)
+	// Target is the address a relative branch or call goes to (Branch),
+	// or the address a RIP-relative operand refers to (Mem); 0 if none.
+	Target uint64
+	Kind   TargetKind
 }
+
+// TargetKind says what an instruction's Target is.
+type TargetKind uint8
+
+const (
+	NoTarget TargetKind = iota
+	Branch              // a relative call or jump: Target is where it goes
+	Mem                 // a RIP-relative memory operand: Target is its address
+)
 
 // fixedInsts are encodings x86asm gets wrong or rejects that kernel code
 // uses. endbr64 in particular decodes as a lone 1-byte "rep" prefix, which
@@ -49,11 +64,14 @@ func InstructionAt(code []byte) (int, error) {
 func Disassemble(code []byte, addr uint64) ([]Inst, error) {
 	var out []Inst
 	for off := 0; off < len(code); {
-		n, text, err := decodeOne(code[off:], addr+uint64(off))
+		pc := addr + uint64(off)
+		n, text, err := decodeOne(code[off:], pc)
 		if err != nil {
-			return out, fmt.Errorf("at %#x (bytes % x): %w", addr+uint64(off), code[off:min(off+8, len(code))], err)
+			return out, fmt.Errorf("at %#x (bytes % x): %w", pc, code[off:min(off+8, len(code))], err)
 		}
-		out = append(out, Inst{Addr: addr + uint64(off), Len: n, Bytes: code[off : off+n], Text: text})
+		in := Inst{Addr: pc, Len: n, Bytes: code[off : off+n], Text: text}
+		in.Target, in.Kind = targetOf(code[off:off+n], pc)
+		out = append(out, in)
 		off += n
 	}
 	return out, nil
@@ -85,7 +103,95 @@ func decodeOne(code []byte, pc uint64) (int, string, error) {
 		// x86asm returns a bare prefix for truncated input.
 		return 0, "", fmt.Errorf("x86 decode: truncated or unknown instruction")
 	}
-	return inst.Len, x86asm.GNUSyntax(inst, pc, nil), nil
+	return inst.Len, gnuText(inst, pc), nil
+}
+
+// gnuText is x86asm's GNU syntax made to read like objdump's and crash's:
+// immediates unsigned in their operand size (a kernel address is
+// $0xffffffff82000000, not $-0x7e000000), and call, ret and jmp without
+// the q suffix that objdump and gdb no longer print.
+func gnuText(inst x86asm.Inst, pc uint64) string {
+	text := x86asm.GNUSyntax(inst, pc, nil)
+	mn, rest, _ := strings.Cut(text, " ")
+	switch mn {
+	case "callq", "retq", "jmpq":
+		mn = strings.TrimSuffix(mn, "q")
+	}
+	if i := strings.Index(rest, "$-0x"); i >= 0 {
+		end := i + 4
+		for end < len(rest) && isHex(rest[end]) {
+			end++
+		}
+		if v, err := strconv.ParseUint(rest[i+4:end], 16, 64); err == nil {
+			bits := immBits(inst, mn)
+			u := -v
+			if bits < 64 {
+				u &= 1<<bits - 1
+			}
+			rest = rest[:i] + "$" + fmt.Sprintf("%#x", u) + rest[end:]
+		}
+	}
+	if rest == "" {
+		return mn
+	}
+	return mn + " " + rest
+}
+
+func isHex(c byte) bool { return c >= '0' && c <= '9' || c >= 'a' && c <= 'f' }
+
+// immBits is the operand size an immediate is shown in: the size suffix
+// objdump prints (movb, cmpw, …), an 8- or 16-bit register operand, or the
+// instruction's data size.
+func immBits(inst x86asm.Inst, mn string) uint {
+	op := strings.ToLower(inst.Op.String())
+	if strings.HasPrefix(mn, op) && len(mn) == len(op)+1 {
+		switch mn[len(op)] {
+		case 'b':
+			return 8
+		case 'w':
+			return 16
+		case 'l':
+			return 32
+		case 'q':
+			return 64
+		}
+	}
+	for _, a := range inst.Args {
+		if r, ok := a.(x86asm.Reg); ok {
+			switch {
+			case r >= x86asm.AL && r <= x86asm.R15B:
+				return 8
+			case r >= x86asm.AX && r <= x86asm.R15W:
+				return 16
+			}
+		}
+	}
+	switch inst.DataSize {
+	case 16, 32, 64:
+		return uint(inst.DataSize)
+	}
+	return 64
+}
+
+// targetOf decodes the instruction again for its relative branch target or
+// RIP-relative operand address.
+func targetOf(b []byte, pc uint64) (uint64, TargetKind) {
+	inst, err := x86asm.Decode(b, 64)
+	if err != nil || inst.Op == 0 {
+		return 0, NoTarget
+	}
+	next := pc + uint64(inst.Len)
+	for _, a := range inst.Args {
+		switch a := a.(type) {
+		case x86asm.Rel:
+			return next + uint64(int64(a)), Branch
+		case x86asm.Mem:
+			if a.Base == x86asm.RIP {
+				return next + uint64(a.Disp), Mem
+			}
+		}
+	}
+	return 0, NoTarget
 }
 
 // decodeRDPID handles rdpid (F3 [REX] 0F C7 /7 with a register operand),

@@ -186,3 +186,38 @@ func objdumpBoundaries(t *testing.T, vmlinux string, start, stop uint64) []objdu
 	}
 	return insts
 }
+
+// TestDisassembleStyle: immediates print unsigned in their operand size
+// (kernel addresses as objdump and crash print them, never negative), one
+// mnemonic style (call/ret/jmp without suffix), and branch and RIP-relative
+// targets are decoded for symbolization.
+func TestDisassembleStyle(t *testing.T) {
+	const pc = 0xffffffff81000000
+	for _, c := range []struct {
+		code   []byte
+		text   string
+		target uint64
+		kind   TargetKind
+	}{
+		{[]byte{0x48, 0xc7, 0xc7, 0x00, 0x00, 0x00, 0x82}, "mov $0xffffffff82000000,%rdi", 0, NoTarget},
+		{[]byte{0x83, 0xe4, 0xf0}, "and $0xfffffff0,%esp", 0, NoTarget},
+		{[]byte{0x48, 0x83, 0xe4, 0xf0}, "and $0xfffffffffffffff0,%rsp", 0, NoTarget},
+		{[]byte{0x80, 0x38, 0xff}, "cmpb $0xff,(%rax)", 0, NoTarget},
+		{[]byte{0x3c, 0xff}, "cmp $0xff,%al", 0, NoTarget},
+		{[]byte{0xe8, 0x0b, 0x00, 0x00, 0x00}, "call 0xffffffff81000010", pc + 0x10, Branch},
+		{[]byte{0xe9, 0xfb, 0xff, 0xff, 0xff}, "jmp 0xffffffff81000000", pc, Branch},
+		{[]byte{0x74, 0x02}, "je 0xffffffff81000004", pc + 4, Branch},
+		{[]byte{0xc3}, "ret", 0, NoTarget},
+		{[]byte{0x48, 0x8b, 0x05, 0xf9, 0xff, 0xff, 0x00}, "mov 0xfffff9(%rip),%rax", pc + 7 + 0xfffff9, Mem},
+		{[]byte{0xff, 0xe0}, "jmp *%rax", 0, NoTarget},
+	} {
+		insts, err := Disassemble(c.code, pc)
+		if err != nil || len(insts) != 1 {
+			t.Fatalf("% x: %v %+v", c.code, err, insts)
+		}
+		in := insts[0]
+		if in.Text != c.text || in.Target != c.target || in.Kind != c.kind {
+			t.Errorf("% x: %q target %#x kind %d; want %q %#x %d", c.code, in.Text, in.Target, in.Kind, c.text, c.target, c.kind)
+		}
+	}
+}

@@ -40,7 +40,7 @@ func TestTextOutputEscapesGuestStrings(t *testing.T) {
 	must(Tasks{{PID: 1, Comm: evil, State: "S", Task: "0x1"}}.WriteText(&b))
 	must(Modules{{Name: evil, Size: 1, Base: "0x2"}}.WriteText(&b))
 	must(Info{Release: "6.1\nRelease: 9.9", Banner: evil}.WriteText(&b))
-	must(SymLookup{Symbols: []Symbol{{Name: evil, Addr: "0x3", Type: "T", Module: evil}}}.WriteText(&b))
+	must(SymLookup{Symbols: []SymbolInfo{{Name: evil, Addr: "0x3", Type: "T", Module: evil, Aliases: []string{evil}}}}.WriteText(&b))
 	must(SymbolList{{Name: evil, Addr: "0x3", Type: "\n", Module: evil}}.WriteText(&b))
 	must(Listing{Insts: []Inst{{Addr: "0x4", Where: evil, Bytes: "90", Text: "call " + evil}}}.WriteText(&b))
 	must(Status{Domain: "d", Release: evil}.WriteText(&b))

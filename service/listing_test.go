@@ -51,3 +51,40 @@ func TestAbsentTimesOmitted(t *testing.T) {
 		t.Errorf("set time not printed: %s", b)
 	}
 }
+
+func TestParseAddr(t *testing.T) {
+	for _, c := range []struct {
+		in   string
+		want uint64
+		ok   bool
+	}{
+		{"0", 0, true}, {"16", 16, true}, {"0x10", 16, true}, {"0xffff_ffff_8100_0000", 0xffffffff81000000, true},
+		{"ffffffff81000000", 0xffffffff81000000, true}, {"version_proc_show", 0, false}, {"", 0, false}, {"0x", 0, false},
+	} {
+		got, ok := ParseAddr(nil, c.in)
+		if got != c.want || ok != c.ok {
+			t.Errorf("ParseAddr(%q) = %#x, %v; want %#x, %v", c.in, got, ok, c.want, c.ok)
+		}
+	}
+}
+
+func TestListingText(t *testing.T) {
+	l := Listing{Insts: []Inst{
+		{Addr: "0xffffffff8134c2a0", Where: "version_proc_show+0x0", Bytes: "55", Text: "push %rbp"},
+		{Addr: "0xffffffff8134c2a1", Where: "version_proc_show+0x1", Bytes: "e8fa000000", Text: "call 0xffffffff8134c3a0 <seq_printf>"},
+		{Addr: "0xffffffff8134c2a6", Where: "version_proc_show+0x6", Bytes: "c3", Text: "ret"},
+	}}
+	var b strings.Builder
+	l.WriteText(&b)
+	for _, w := range []string{"<version_proc_show+0x0>:", "push   %rbp", "call   0xffffffff8134c3a0 <seq_printf>", "ret\n"} {
+		if !strings.Contains(b.String(), w) {
+			t.Errorf("listing lacks %q:\n%s", w, b.String())
+		}
+	}
+	sl := SymLookup{Query: "x", Symbols: []SymbolInfo{{Name: "x", Addr: "0x10", Type: "T", GapToNext: 0x40, Aliases: []string{"y"}}}}
+	b.Reset()
+	sl.WriteText(&b)
+	if got := b.String(); got != "0000000000000010 T x (next symbol 0x40 bytes on; aliases: y)\n" {
+		t.Errorf("sym text %q", got)
+	}
+}

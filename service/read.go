@@ -43,6 +43,11 @@ type Inst struct {
 	Len   int    `json:"len"`
 	Bytes string `json:"bytes"`
 	Text  string `json:"text"`
+	// Target is a call or jump's destination, or a RIP-relative operand's
+	// address; TargetSym names it (symbol+offset, [module]+offset, or a
+	// code-area function) when it resolves.
+	Target    string `json:"target,omitempty"`
+	TargetSym string `json:"target_sym,omitempty"`
 }
 
 // Listing is the answer to "read --disasm". Stopped is set when decoding
@@ -54,7 +59,7 @@ type Listing struct {
 
 func (l Listing) WriteText(w io.Writer) error {
 	for _, in := range l.Insts {
-		if _, err := fmt.Fprintf(w, "%s %-28s %-24s %s\n", Escape(in.Addr), "<"+Escape(in.Where)+">:", Escape(spaced(in.Bytes)), Escape(in.Text)); err != nil {
+		if _, err := fmt.Fprintf(w, "%s %-28s %-24s %s\n", Escape(in.Addr), "<"+Escape(in.Where)+">:", Escape(spaced(in.Bytes)), Escape(padMnemonic(in.Text))); err != nil {
 			return err
 		}
 	}
@@ -100,6 +105,7 @@ func Read(source string, k *introspect.Kernel, target string, n uint64, disasm b
 	}
 	insts, derr := introspect.Disassemble(buf, addr)
 	l := &Listing{Insts: make([]Inst, 0, len(insts))}
+	sym := newSymbolizer(k)
 	end := addr + n
 	if len(insts) > 0 && insts[len(insts)-1].Addr+uint64(insts[len(insts)-1].Len) >= end {
 		derr = nil // stopped only in the bytes past the range
@@ -108,12 +114,14 @@ func Read(source string, k *introspect.Kernel, target string, n uint64, disasm b
 		if in.Addr >= end {
 			break
 		}
-		where := ""
-		if s, off, ok := ResolveAddr(k, in.Addr); ok {
-			where = fmt.Sprintf("%s+%#x", s.Name, off)
+		out := Inst{Addr: fmt.Sprintf("%#x", in.Addr), Where: sym.name(in.Addr, true), Len: in.Len,
+			Bytes: hex.EncodeToString(in.Bytes), Text: in.Text}
+		if in.Kind != introspect.NoTarget {
+			out.Target = HexAddr(in.Target)
+			out.TargetSym = sym.name(in.Target, false)
+			out.Text = annotate(in, out.TargetSym)
 		}
-		l.Insts = append(l.Insts, Inst{Addr: fmt.Sprintf("%#x", in.Addr), Where: where, Len: in.Len,
-			Bytes: hex.EncodeToString(in.Bytes), Text: in.Text})
+		l.Insts = append(l.Insts, out)
 	}
 	if derr != nil {
 		// Running out of bytes mid-instruction is the usual end of a

@@ -11,6 +11,7 @@ import (
 	"io"
 	"math"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -61,12 +62,18 @@ func (ds Domains) WriteText(w io.Writer) error {
 
 // Info describes a guest kernel.
 type Info struct {
-	Source        string  `json:"source"`
-	Release       string  `json:"release"`
-	Banner        string  `json:"banner"`
-	Text          string  `json:"text"`
-	End           string  `json:"end"`
-	Slide         string  `json:"slide"`
+	Source  string `json:"source"`
+	Release string `json:"release"`
+	Banner  string `json:"banner"`
+	Text    string `json:"text"`
+	End     string `json:"end"`
+	Slide   string `json:"slide"`
+	// TextPhys is the guest-physical address of _text; PhysBase is the
+	// kernel's phys_base variable (what __pa_symbol adds, and what crash
+	// takes as phys_base): _text's physical address minus its link-time
+	// offset from __START_KERNEL_map, which is 16 MiB less than TextPhys
+	// on a default x86-64 build without KASLR.
+	TextPhys      string  `json:"text_phys"`
 	PhysBase      string  `json:"phys_base"`
 	DirectMapBase string  `json:"direct_map_base"`
 	Paging        string  `json:"paging"`
@@ -77,11 +84,28 @@ type Info struct {
 	Timings       string  `json:"timings"`
 }
 
+// startKernelMap is __START_KERNEL_map, where the x86-64 kernel image is
+// linked (virtual = physical - phys_base + __START_KERNEL_map).
+const startKernelMap = 0xffffffff80000000
+
+// PhysBase is the kernel's phys_base variable, read from guest memory; a
+// kernel whose symbol is missing or unreadable gets the value the kernel
+// computes it as (the physical minus the link-time offset of _text).
+func PhysBase(k *introspect.Kernel) uint64 {
+	if a, err := k.Symbols.Addr("phys_base"); err == nil {
+		if v, err := k.AS.ReadUint64(a); err == nil {
+			return v
+		}
+	}
+	return k.PhysBase - (k.TextStart - startKernelMap)
+}
+
 // KernelInfo describes k, found in source (a domain or a dump file).
 func KernelInfo(source string, k *introspect.Kernel) Info {
 	return Info{
 		Source: source, Release: k.Release, Banner: k.Banner,
-		Text: HexAddr(k.TextStart), End: HexAddr(k.TextEnd), Slide: HexAddr(k.Slide), PhysBase: HexAddr(k.PhysBase),
+		Text: HexAddr(k.TextStart), End: HexAddr(k.TextEnd), Slide: HexAddr(k.Slide),
+		TextPhys: HexAddr(k.PhysBase), PhysBase: HexAddr(PhysBase(k)),
 		DirectMapBase: HexAddr(k.DirectMapBase), Paging: k.PagingMode(), CR3: HexAddr(k.CR3),
 		Symbols: k.Symbols.Len(), BTF: k.BTF != nil,
 		AttachMS: float64(k.AttachTime.Microseconds()) / 1000, Timings: k.Timings.String(),
@@ -94,13 +118,13 @@ func (r Info) WriteText(w io.Writer) error {
 	rows := [][2]string{
 		{"Source", Escape(r.Source)}, {"Release", Escape(r.Release)}, {"Banner", Escape(r.Banner)},
 		{"Kernel image", r.Text + "-" + r.End},
-		{"KASLR slide", r.Slide}, {"Physical base", r.PhysBase},
+		{"KASLR slide", r.Slide}, {"_text physical", r.TextPhys}, {"phys_base", r.PhysBase},
 		{"Direct map", r.DirectMapBase}, {"Paging", r.Paging}, {"CR3", r.CR3},
 		{"Symbols", fmt.Sprint(r.Symbols)}, {"BTF", yes[r.BTF]},
 		{"Attach time", fmt.Sprintf("%v (%s)", attach.Round(10*time.Microsecond), r.Timings)},
 	}
 	for _, row := range rows {
-		if _, err := fmt.Fprintf(w, "%-14s %s\n", row[0]+":", row[1]); err != nil {
+		if _, err := fmt.Fprintf(w, "%-15s %s\n", row[0]+":", row[1]); err != nil {
 			return err
 		}
 	}
@@ -113,32 +137,52 @@ type Symbol struct {
 	Addr   string `json:"addr"`
 	Type   string `json:"type"`
 	Module string `json:"module,omitempty"`
-	Size   uint64 `json:"size,omitempty"`
-	Offset uint64 `json:"offset,omitempty"`
 }
 
-func symbolOf(t *symbols.Table, s symbols.Symbol) Symbol {
-	j := Symbol{Name: s.Name, Addr: HexAddr(s.Addr), Type: string(s.Type), Module: s.Module}
+// SymbolInfo is one symbol as "sym" shows it: always the same fields.
+type SymbolInfo struct {
+	Name   string `json:"name"`
+	Addr   string `json:"addr"`
+	Type   string `json:"type"`
+	Module string `json:"module,omitempty"`
+	// Offset is the looked-up address minus the symbol's (0 for a name).
+	Offset uint64 `json:"offset"`
+	// GapToNext is how far the next symbol is: the next function symbol
+	// for code, the next symbol of any kind otherwise. kallsyms records no
+	// sizes: this is an upper bound of the size, not the size.
+	GapToNext uint64 `json:"gap_to_next"`
+	// Aliases are the other symbols at the same address.
+	Aliases []string `json:"aliases"`
+}
+
+func symbolInfo(t *symbols.Table, s symbols.Symbol) SymbolInfo {
+	j := SymbolInfo{Name: s.Name, Addr: HexAddr(s.Addr), Type: string(s.Type), Module: s.Module, Aliases: []string{}}
+	all := t.All()
+	i := sort.Search(len(all), func(i int) bool { return all[i].Addr >= s.Addr })
+	for ; i < len(all) && all[i].Addr == s.Addr; i++ {
+		if all[i].Name != s.Name && !slices.Contains(j.Aliases, all[i].Name) {
+			j.Aliases = append(j.Aliases, all[i].Name)
+		}
+	}
 	if symbols.IsText(s.Type) {
-		j.Size = t.FunctionSize(s)
+		j.GapToNext = t.FunctionSize(s)
+	} else if i < len(all) {
+		j.GapToNext = all[i].Addr - s.Addr
 	}
 	return j
 }
 
 // SymLookup is the answer to "sym": the symbol holding an address
-// (ByAddr, one symbol with Offset) or every symbol of a name.
+// (ByAddr, with Offset) or every symbol of a name; one shape either way.
 type SymLookup struct {
-	ByAddr  bool     `json:"by_addr"`
-	Symbols []Symbol `json:"symbols"`
+	Query   string       `json:"query"`
+	ByAddr  bool         `json:"by_addr"`
+	Symbols []SymbolInfo `json:"symbols"`
 }
 
-// JSON is what --json prints: one object for an address, a list for a name.
-func (r SymLookup) JSON() any {
-	if r.ByAddr && len(r.Symbols) == 1 {
-		return r.Symbols[0]
-	}
-	return r.Symbols
-}
+// JSON is what --json prints: the lookup, the same shape for an address
+// and a name.
+func (r SymLookup) JSON() any { return r }
 
 func (r SymLookup) WriteText(w io.Writer) error {
 	for _, s := range r.Symbols {
@@ -147,15 +191,26 @@ func (r SymLookup) WriteText(w io.Writer) error {
 		if s.Module != "" {
 			mod = "\t[" + Escape(s.Module) + "]"
 		}
+		var notes []string
+		if !r.ByAddr && s.GapToNext > 0 {
+			notes = append(notes, fmt.Sprintf("next symbol %#x bytes on", s.GapToNext))
+		}
+		if len(s.Aliases) > 0 {
+			a := make([]string, len(s.Aliases))
+			for i, n := range s.Aliases {
+				a[i] = Escape(n)
+			}
+			notes = append(notes, "aliases: "+strings.Join(a, ", "))
+		}
+		note := ""
+		if len(notes) > 0 {
+			note = " (" + strings.Join(notes, "; ") + ")"
+		}
 		var err error
 		if r.ByAddr {
-			_, err = fmt.Fprintf(w, "%016x %s %s+%#x%s\n", addr+s.Offset, Escape(s.Type), Escape(s.Name), s.Offset, mod)
+			_, err = fmt.Fprintf(w, "%016x %s %s+%#x%s%s\n", addr+s.Offset, Escape(s.Type), Escape(s.Name), s.Offset, mod, note)
 		} else {
-			size := ""
-			if s.Size > 0 {
-				size = fmt.Sprintf(" (size %#x)", s.Size)
-			}
-			_, err = fmt.Fprintf(w, "%016x %s %s%s%s\n", addr, Escape(s.Type), Escape(s.Name), mod, size)
+			_, err = fmt.Fprintf(w, "%016x %s %s%s%s\n", addr, Escape(s.Type), Escape(s.Name), mod, note)
 		}
 		if err != nil {
 			return err
@@ -164,24 +219,43 @@ func (r SymLookup) WriteText(w io.Writer) error {
 	return nil
 }
 
-// Sym looks up a name, or with a 0x prefix the symbol holding an address.
+// ParseAddr reports whether s is an address rather than a symbol name:
+// anything that parses as a number (0x… hex, 0o/0b, decimal, with _
+// separators) is one, and so is a string of hex digits without 0x (as
+// crash takes them) that names no symbol.
+func ParseAddr(k *introspect.Kernel, s string) (uint64, bool) {
+	if v, err := strconv.ParseUint(strings.ReplaceAll(s, "_", ""), 0, 64); err == nil {
+		return v, true
+	}
+	if s == "" || len(s) > 16 || strings.Trim(strings.ToLower(s), "0123456789abcdef") != "" {
+		return 0, false
+	}
+	if k != nil && len(k.Symbols.Lookup(s)) > 0 {
+		return 0, false
+	}
+	v, err := strconv.ParseUint(s, 16, 64)
+	return v, err == nil
+}
+
+// Sym looks up a name, or for an address (see ParseAddr) the symbol
+// holding it.
 func Sym(source string, k *introspect.Kernel, q string) (SymLookup, error) {
-	if addr, err := strconv.ParseUint(q, 0, 64); err == nil && strings.HasPrefix(q, "0x") {
+	if addr, ok := ParseAddr(k, q); ok {
 		s, off, ok := ResolveAddr(k, addr)
 		if !ok {
 			return SymLookup{}, fmt.Errorf("%s: no symbol holds address %#x", source, addr)
 		}
-		j := symbolOf(k.Symbols, s)
+		j := symbolInfo(k.Symbols, s)
 		j.Offset = off
-		return SymLookup{ByAddr: true, Symbols: []Symbol{j}}, nil
+		return SymLookup{Query: q, ByAddr: true, Symbols: []SymbolInfo{j}}, nil
 	}
 	found := k.Symbols.Lookup(q)
 	if len(found) == 0 {
 		return SymLookup{}, fmt.Errorf("%s: no symbol %q in the guest kernel (%s)", source, q, k.Release)
 	}
-	out := SymLookup{Symbols: []Symbol{}}
+	out := SymLookup{Query: q, Symbols: []SymbolInfo{}}
 	for _, s := range found {
-		out.Symbols = append(out.Symbols, symbolOf(k.Symbols, s))
+		out.Symbols = append(out.Symbols, symbolInfo(k.Symbols, s))
 	}
 	return out, nil
 }
@@ -236,10 +310,11 @@ func ResolveAddr(k *introspect.Kernel, addr uint64) (symbols.Symbol, uint64, boo
 	return s, off, s.Type != 'A' && s.Type != 'a' || off < 1<<20
 }
 
-// ResolveTarget turns SYMBOL, SYMBOL+OFF or ADDR into an address.
+// ResolveTarget turns SYMBOL, SYMBOL+OFF or ADDR into an address; anything
+// that parses as an address (see ParseAddr) is one, so 0 is address 0.
 func ResolveTarget(k *introspect.Kernel, s string) (uint64, error) {
-	if strings.HasPrefix(s, "0x") {
-		return strconv.ParseUint(s, 0, 64)
+	if v, ok := ParseAddr(k, s); ok {
+		return v, nil
 	}
 	name, offStr, hasOff := strings.Cut(s, "+")
 	addr, err := k.Symbols.Addr(name)

@@ -11,6 +11,7 @@ import (
 
 	"github.com/hvpatch/hvpatch/hypervisor"
 	"github.com/hvpatch/hvpatch/internal/testguest"
+	"github.com/hvpatch/hvpatch/service"
 )
 
 // TestIntrospectCLI runs info, sym, syms, read, ps and lsmod against a live
@@ -101,14 +102,14 @@ func TestIntrospectCLI(t *testing.T) {
 					t.Errorf("lsmod %+v; guest %+v", m, guestMods[i])
 				}
 			}
-			var byName []symbolJSON
+			// One JSON shape for a name and an address.
+			var byName, byAddr service.SymLookup
 			mustJSON(&byName, append([]string{"sym"}, append(src.args, "version_proc_show")...)...)
-			if len(byName) != 1 || byName[0].Addr != fmt.Sprintf("%#x", symAddr) || byName[0].Type != guestSym[1] || byName[0].Size == 0 {
+			if len(byName.Symbols) != 1 || byName.ByAddr || byName.Symbols[0].Addr != fmt.Sprintf("%#x", symAddr) || byName.Symbols[0].Type != guestSym[1] || byName.Symbols[0].GapToNext == 0 {
 				t.Errorf("sym version_proc_show: %+v; guest %q", byName, guestSym)
 			}
-			var byAddr symbolJSON
 			mustJSON(&byAddr, append([]string{"sym"}, append(src.args, fmt.Sprintf("%#x", symAddr+3))...)...)
-			if byAddr.Name != "version_proc_show" || byAddr.Offset != 3 {
+			if !byAddr.ByAddr || len(byAddr.Symbols) != 1 || byAddr.Symbols[0].Name != "version_proc_show" || byAddr.Symbols[0].Offset != 3 {
 				t.Errorf("sym ADDR+3: %+v", byAddr)
 			}
 			mustJSON(src.syms, append([]string{"syms", "--grep", "^version_proc_"}, src.args...)...)
