@@ -78,6 +78,30 @@ type thread struct {
 	comm      string
 	stack, sp uint64
 	onCPU     bool
+	exiting   bool // PF_EXITING set or exit_state non-zero
+}
+
+// pfExiting is PF_EXITING of task_struct.flags (the same in every kernel
+// since 2.6).
+const pfExiting = 0x4
+
+// dropStackless leaves out the threads that hold no kernel stack: a task
+// caught while exiting whose stack was freed (task_struct.stack is NULL
+// after release_task_stack), or an exiting task whose stack is no longer
+// mapped (freed, the pointer not cleared yet). Nothing runs on such a stack,
+// so such a task holds nothing in the code area, and it must not block a
+// release (the scan would fail at address 0 or at the unmapped page). A
+// task that is not exiting keeps its stack in the list, mapped or not: an
+// unmapped stack of a live task is an error for the scan to report.
+func dropStackless(ths []thread, mapped func(va uint64) bool) []thread {
+	out := ths[:0]
+	for _, th := range ths {
+		if th.stack == 0 || th.exiting && !mapped((th.stack+threadSize-1)&^(pageSize-1)) {
+			continue
+		}
+		out = append(out, th)
+	}
+	return out
 }
 
 // threads lists every thread (the task list holds group leaders; each
@@ -110,6 +134,9 @@ func listThreads(k *introspect.Kernel, as *introspect.AddressSpace) ([]thread, e
 	if ferr != nil {
 		return nil, ferr
 	}
+	// Optional: without them no task counts as exiting.
+	oFlags, errFlags := k.Field("task_struct.flags")
+	oExit, errExit := k.Field("task_struct.exit_state")
 	u64 := func(va uint64) uint64 {
 		v, err := as.ReadUint64(va)
 		if err != nil && ferr == nil {
@@ -123,13 +150,19 @@ func listThreads(k *introspect.Kernel, as *introspect.AddressSpace) ([]thread, e
 			ferr = err
 		}
 		comm, _, _ := strings.Cut(string(b[:]), "\x00")
-		return thread{
+		th := thread{
 			pid:   int(int32(u64(t + oPID))),
 			comm:  comm,
 			stack: u64(t + oStack),
 			sp:    u64(t + oSP),
 			onCPU: uint32(u64(t+oOnCPU)) != 0,
 		}
+		if errFlags == nil && errExit == nil {
+			flags, err1 := as.ReadUint64(t + oFlags.Offset)
+			exit, err2 := as.ReadUint64(t + oExit.Offset)
+			th.exiting = err1 == nil && err2 == nil && (uint32(flags)&pfExiting != 0 || uint32(exit) != 0)
+		}
+		return th
 	}
 	var out []thread
 	seen := map[uint64]bool{}
@@ -156,5 +189,8 @@ func listThreads(k *introspect.Kernel, as *introspect.AddressSpace) ([]thread, e
 			node = u64(node)
 		}
 	}
-	return out, ferr
+	if ferr != nil {
+		return nil, ferr
+	}
+	return dropStackless(out, func(va uint64) bool { _, err := as.Translate(va); return err == nil }), nil
 }
