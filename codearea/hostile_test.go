@@ -5,6 +5,8 @@ import (
 	"math"
 	"strings"
 	"testing"
+
+	"github.com/hvpatch/hvpatch/introspect"
 )
 
 // writeForgedArea lays out, in the fixture's guest memory, an area as
@@ -50,7 +52,9 @@ func TestForgedHeaderRefused(t *testing.T) {
 			m, find := writeForgedArea(t, []Entry{e})
 			a, err := find()
 			if err == nil {
-				// Not refused at recovery: release must still fail cleanly.
+				// Not refused at recovery: release must still fail cleanly
+				// (no thread is in the code).
+				a.threadsFn = func(*introspect.AddressSpace) ([]thread, error) { return nil, nil }
 				w := &memWriter{mem: m}
 				sg, _ := w.Stop(context.Background())
 				err = a.ReleaseStopped(sg, "e")
