@@ -395,6 +395,9 @@ func patchText(id, desc string, g Guest, objects map[string]string, edits []edit
 	if g.BuildID != "" {
 		fmt.Fprintf(&b, "  build_id: %s\n", q(g.BuildID))
 	}
+	// Several functions switch at once: none may be running or on a stack
+	// when they do (the apply retries, then refuses naming the task).
+	b.WriteString("consistency: stack\n")
 	b.WriteString("objects:\n")
 	for _, name := range sortedKeys(objects) {
 		fmt.Fprintf(&b, "  %s: %s\n", q(name), q(objects[name]))

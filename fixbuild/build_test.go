@@ -66,6 +66,9 @@ func TestPatchTextParses(t *testing.T) {
 	if p.ID != "fix-1" || len(p.Edits) != 2 || p.Edits[1].Sympos == nil || *p.Edits[1].Sympos != 2 || p.Edits[0].With != "sk_setsockopt" || p.Description != `a "quoted" description` {
 		t.Fatalf("parsed %+v", p)
 	}
+	if !p.StackConsistency() {
+		t.Fatal("bundles from hvpatch build must ask for the stack consistency check")
+	}
 	if p.Match.BuildIDs[0] != g.BuildID || p.Match.Release[0] != g.Release {
 		t.Fatalf("match %+v", p.Match)
 	}
