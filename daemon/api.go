@@ -56,6 +56,7 @@ type PatchFile struct {
 //	GET  /v1/domains/{domain}/mem?phys=0xADDR&len=N
 //	GET  /v1/domains/{domain}/ps
 //	GET  /v1/domains/{domain}/lsmod
+//	GET  /v1/domains/{domain}/btf?type=NAME...  (a C header of the guest's BTF)
 //	GET  /v1/domains/{domain}/status
 //	POST /v1/domains/{domain}/apply   (ApplyRequest: patch file, signature, objects)
 //	POST /v1/domains/{domain}/revert  (RevertRequest)
@@ -122,6 +123,9 @@ func (d *Daemon) Handler() http.Handler {
 	})
 	kernel("ps", func(r *http.Request, src string, k *introspect.Kernel) (any, error) { return service.Ps(src, k) })
 	kernel("lsmod", func(r *http.Request, src string, k *introspect.Kernel) (any, error) { return service.Lsmod(src, k) })
+	kernel("btf", func(r *http.Request, src string, k *introspect.Kernel) (any, error) {
+		return service.BTFC(src, k, r.URL.Query()["type"])
+	})
 	mux.HandleFunc("GET "+APIVersion+"/domains/{domain}/mem", func(w http.ResponseWriter, r *http.Request) {
 		source := r.PathValue("domain")
 		q := r.URL.Query()
