@@ -16,9 +16,6 @@ func init() {
 // symbolJSON is the JSON of one symbol (tests decode it).
 type symbolJSON = service.Symbol
 
-// symLookupJSON is the JSON of "sym", for a name and an address alike.
-type symLookupJSON = service.SymLookup
-
 func newSymCmd(a *app) *cobra.Command {
 	var src kernelSource
 	cmd := &cobra.Command{
