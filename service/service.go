@@ -349,6 +349,11 @@ func Ps(source string, k *introspect.Kernel) (Tasks, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", source, err)
 	}
+	// The task list holds CPU 0's idle task (init_task) only: the other
+	// CPUs' follow it, PID 0 each, as crash's ps lists them.
+	if idle, err := k.IdleTasks(); err == nil && len(idle) > 1 && len(tasks) > 0 {
+		tasks = append(append(tasks[:1:1], idle[1:]...), tasks[1:]...)
+	}
 	out := make(Tasks, 0, len(tasks))
 	for _, t := range tasks {
 		out = append(out, Task{PID: t.PID, PPID: t.PPID, State: t.StateLetter(), Comm: t.Comm,
