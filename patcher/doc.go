@@ -72,7 +72,19 @@
 // reports what differed (rebooted, reverted behind hvpatch's back, a
 // pending apply that did complete, bytes nobody expected).
 //
-// One operation at a time per domain: an in-process guard plus an flock on
-// <state>/<uuid>.lock, so the CLI and the daemon exclude each other; other
-// domains proceed in parallel.
+// One operation at a time per domain: an in-process guard, an flock on the
+// host-wide /run/hvpatch/locks/<uuid>.lock (DefaultLockDir, whatever the
+// state directory) and one on <state>/<uuid>.lock, so the CLI (with any
+// --state-dir) and the daemon exclude each other; other domains proceed in
+// parallel.
+//
+// # Activeness check and cumulative patches
+//
+// A patch with consistency: stack (consistency.go) is switched only in a
+// stop where no vCPU executes, and no live kernel stack returns into, a
+// function it changes at its entry or the code of a patch it supersedes;
+// otherwise the guest resumes untouched and the apply retries with
+// back-off, then is refused naming the tasks. A patch that lists applied
+// patches in replaces: supersedes them in its one stop (supersede.go); a
+// function another applied patch changed is refused otherwise.
 package patcher

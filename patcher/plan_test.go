@@ -29,9 +29,9 @@ func TestReturnSequences(t *testing.T) {
 	}{
 		{0, false, []string{"xor %eax,%eax", "ret"}},
 		{1, false, []string{"pushq $0x1", "pop %rax", "ret"}},
-		{-1, false, []string{"pushq $-0x1", "pop %rax", "ret"}},
+		{-1, false, []string{"pushq $0xffffffffffffffff", "pop %rax", "ret"}},
 		{127, false, []string{"pushq $0x7f", "pop %rax", "ret"}},
-		{-128, false, []string{"pushq $-0x80", "pop %rax", "ret"}},
+		{-128, false, []string{"pushq $0xffffffffffffff80", "pop %rax", "ret"}},
 		{0, true, []string{"ret"}},
 	}
 	for _, c := range cases {
