@@ -13,11 +13,42 @@ import (
 )
 
 // FentryNop is the 5-byte NOP dynamic ftrace leaves at every traceable
-// function's entry; endbr64 precedes it on IBT kernels.
+// function's entry on kernels since 5.15; endbr64 precedes it on IBT
+// kernels.
 var (
 	FentryNop = []byte{0x0f, 0x1f, 0x44, 0x00, 0x00}
 	Endbr64   = []byte{0xf3, 0x0f, 0x1e, 0xfa}
 )
+
+// FentryNops are every 5-byte NOP an x86-64 kernel may have written at an
+// fentry site. ftrace writes ideal_nops[NOP_ATOMIC5] there (ftrace_nop_replace,
+// arch/x86/kernel/ftrace.c), a single instruction ("*_NOP5_ATOMIC must be a
+// single instruction", arch/x86/include/asm/nops.h):
+//   - P6_NOP5_ATOMIC = P6_NOP5, nopl 0x0(%rax,%rax,1): Intel CPUs with NOPL,
+//     AMD family > 0xf and Hygon (arch_init_ideal_nops), and the only form
+//     since 5.15, when commit a89dfde3dc3c "x86: Remove dynamic NOP
+//     selection" fixed x86_nops[] to it;
+//   - K8_NOP5_ATOMIC, four operand-size prefixes and nop: up to 5.14 on any
+//     other x86-64 CPU, such as QEMU's default models under TCG (AMD family
+//     0xf), where 5.10 guests show it.
+//
+// The 32-bit GENERIC and K7 forms are not NOPs in 64-bit mode, and K8_NOP5
+// (66 66 90 66 90) is two instructions that ftrace never writes at a call
+// site; neither is accepted.
+var FentryNops = [][]byte{
+	FentryNop,
+	{0x66, 0x66, 0x66, 0x66, 0x90},
+}
+
+// IsFentryNop reports whether b is one of FentryNops.
+func IsFentryNop(b []byte) bool {
+	for _, n := range FentryNops {
+		if bytes.Equal(b, n) {
+			return true
+		}
+	}
+	return false
+}
 
 // JumpTo encodes "jmp rel32" at from to to: one 5-byte instruction, the
 // size of the fentry NOP it replaces.
@@ -41,7 +72,7 @@ func JumpTarget(from uint64, b []byte) (uint64, bool) {
 }
 
 // EntrySite finds the fentry site of a kernel function (its entry, or the
-// entry + 4 after endbr64) and checks it holds the canonical NOP: anything
+// entry + 4 after endbr64) and checks it holds one of FentryNops: anything
 // else means ftrace, a livepatch or another tool owns it.
 func EntrySite(k *introspect.Kernel, fn string) (uint64, error) {
 	addr, err := k.Symbols.Addr(fn)
@@ -56,8 +87,8 @@ func EntrySite(k *introspect.Kernel, fn string) (uint64, error) {
 	if bytes.HasPrefix(b[:], Endbr64) {
 		site, code = addr+4, b[4:9]
 	}
-	if !bytes.Equal(code, FentryNop) {
-		return 0, fmt.Errorf("codearea: %s at %#x: the fentry site holds % x, not the NOP % x (traced or patched)", fn, site, code, FentryNop)
+	if !IsFentryNop(code) {
+		return 0, fmt.Errorf("codearea: %s at %#x: the fentry site holds % x, not a 5-byte NOP (% x) (traced or patched)", fn, site, code, FentryNops)
 	}
 	return site, nil
 }

@@ -6,6 +6,7 @@ import (
 	"path"
 	"strings"
 
+	"github.com/hvpatch/hvpatch/codearea"
 	"github.com/hvpatch/hvpatch/introspect"
 )
 
@@ -229,15 +230,16 @@ func planReturn(t Target, e *Edit) (PlannedEdit, error) {
 	site := head[off : off+SiteLen]
 	pe := PlannedEdit{
 		Kind: KindReturn, Symbol: sym.Name, SymbolAddr: sym.Addr, SymbolSize: sym.Size, Offset: off, VA: sym.Addr + off,
-		Old: append([]byte(nil), FentryNop...), New: seq,
+		New: seq,
 	}
 	switch {
-	case bytes.Equal(site, FentryNop):
+	case IsFentryNop(site):
+		pe.Old = append([]byte(nil), site...) // exactly what a revert puts back
 	case bytes.Equal(site, seq):
-		pe.Applied = true
+		pe.Applied, pe.Old = true, guestFentryNop(t)
 	default:
-		return PlannedEdit{}, fmt.Errorf("the fentry site of %s at %#x (%s+%#x) is not free: found % x, want the NOP % x: %s",
-			sym.Name, pe.VA, sym.Name, off, site, FentryNop, siteTaken(site, pe.VA, t.Describe))
+		return PlannedEdit{}, fmt.Errorf("the fentry site of %s at %#x (%s+%#x) is not free: found % x, want a 5-byte NOP (% x): %s",
+			sym.Name, pe.VA, sym.Name, off, site, codearea.FentryNops, siteTaken(site, pe.VA, t.Describe))
 	}
 	pe.Before, _ = introspect.Disassemble(pe.Old, pe.VA)
 	pe.After, _ = introspect.Disassemble(pe.New, pe.VA)

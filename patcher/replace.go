@@ -203,7 +203,7 @@ func planGroup(t Target, k *introspect.Kernel, p *Patch, area *codearea.Area, g 
 	}
 	newEdit := func(s replaceSite, rp *ReplacePlan) PlannedEdit {
 		return PlannedEdit{Kind: KindReplace, Symbol: s.sym.Name, SymbolAddr: s.sym.Addr, SymbolSize: s.sym.Size, Offset: s.off, VA: s.site,
-			Old: append([]byte(nil), FentryNop...), Replace: rp}
+			Old: append([]byte(nil), s.cur...), Replace: rp}
 	}
 	name := g.name
 	ent, placed := area.Entry(name)
@@ -224,6 +224,7 @@ func planGroup(t Target, k *introspect.Kernel, p *Patch, area *codearea.Area, g 
 			}
 			rp := &ReplacePlan{Object: g.path, With: s.edit.With, WithAddr: to, Entry: name, Edits: edits, Area: area}
 			pe := newEdit(s, rp)
+			pe.Old = guestFentryNop(t) // the site holds the jump: the guest's own NOP form
 			pe.New, pe.Applied = append([]byte(nil), s.cur...), true
 			pe.Before, _ = introspect.Disassemble(pe.Old, s.site)
 			pe.After, _ = introspect.Disassemble(pe.New, s.site)
@@ -232,9 +233,9 @@ func planGroup(t Target, k *introspect.Kernel, p *Patch, area *codearea.Area, g 
 		return nil
 	}
 	for _, s := range g.sites {
-		if !bytes.Equal(s.cur, FentryNop) {
-			return fmt.Errorf("edit %d (%s): the fentry site of %s at %#x (%s+%#x) is not free: found % x, want the NOP % x: %s",
-				s.index+1, s.edit.String(), s.sym.Name, s.site, s.sym.Name, s.off, s.cur, FentryNop, siteTaken(s.cur, s.site, t.Describe))
+		if !IsFentryNop(s.cur) {
+			return fmt.Errorf("edit %d (%s): the fentry site of %s at %#x (%s+%#x) is not free: found % x, want a 5-byte NOP (% x): %s",
+				s.index+1, s.edit.String(), s.sym.Name, s.site, s.sym.Name, s.off, s.cur, codearea.FentryNops, siteTaken(s.cur, s.site, t.Describe))
 		}
 	}
 	what := fmt.Sprintf("object %s (edit %s)", g.path, g.editList())

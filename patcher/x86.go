@@ -4,12 +4,58 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+
+	"github.com/hvpatch/hvpatch/codearea"
 )
 
 // FentryNop is the 5-byte NOP (nopl 0x0(%rax,%rax,1)) that dynamic ftrace
 // leaves at the entry of every traceable function once it has replaced the
-// compiler's "call __fentry__". It is the canonical site of a return edit.
-var FentryNop = []byte{0x0f, 0x1f, 0x44, 0x00, 0x00}
+// compiler's "call __fentry__", on every kernel since 5.15. Older kernels
+// chose the NOP for the CPU at boot: the sites then hold another of
+// codearea.FentryNops. An edit records the bytes it found and a revert puts
+// exactly those back.
+var FentryNop = codearea.FentryNop
+
+// IsFentryNop reports whether a fentry site holds one of the 5-byte NOPs a
+// kernel writes there (codearea.FentryNops).
+func IsFentryNop(b []byte) bool { return codearea.IsFentryNop(b) }
+
+// nopProbes are functions present in every kernel whose fentry sites show
+// which NOP form the guest writes; see guestFentryNop.
+var nopProbes = []string{"cmdline_proc_show", "meminfo_proc_show", "version_proc_show", "vfs_fsync", "schedule_timeout",
+	"msleep", "kfree_sensitive", "seq_puts", "single_open", "proc_create_single_data"}
+
+// guestFentryNop is the NOP form the guest kernel put at its fentry sites,
+// for a site that holds no NOP now (already patched, not in the journal):
+// the form most of a few well-known functions hold, FentryNop when none
+// does.
+func guestFentryNop(t Target) []byte {
+	count := make([]int, len(codearea.FentryNops))
+	for _, name := range nopProbes {
+		for _, s := range t.Symbols(name) {
+			head := make([]byte, len(Endbr64)+SiteLen)
+			if t.ReadVirt(s.Addr, head) != nil {
+				continue
+			}
+			site := head[:SiteLen]
+			if bytes.HasPrefix(head, Endbr64) {
+				site = head[len(Endbr64):]
+			}
+			for i, n := range codearea.FentryNops {
+				if bytes.Equal(site, n) {
+					count[i]++
+				}
+			}
+		}
+	}
+	best := 0
+	for i := range count {
+		if count[i] > count[best] {
+			best = i
+		}
+	}
+	return append([]byte(nil), codearea.FentryNops[best]...)
+}
 
 // Endbr64 starts every indirectly callable function on IBT kernels; the
 // fentry site follows it.
@@ -56,8 +102,8 @@ func isReturnSequence(b []byte) bool {
 	return b[0] == 0x6a && b[2] == 0x58 && b[3] == 0xc3 && b[4] == 0xcc
 }
 
-// siteTaken explains why bytes at a fentry site at va are not the
-// canonical NOP, naming the call or jump target when there is one. resolve
+// siteTaken explains why bytes at a fentry site at va are not a fentry
+// NOP, naming the call or jump target when there is one. resolve
 // may be nil.
 func siteTaken(site []byte, va uint64, resolve func(uint64) string) string {
 	target := func() string {
