@@ -1,0 +1,102 @@
+package testguest
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+)
+
+var (
+	extraOnce sync.Once
+	extraSet  []Kernel
+	extraErr  error
+)
+
+// ExtraKernels returns the guest kernels of the other Debian series the
+// host's mirror serves (testdata/guest/build-extra.sh): bullseye 5.10
+// (label "5.10"), trixie 6.12+deb13 ("6.12-deb13") and sid 7.x ("7.x"), in
+// extra-kernels.txt order; Kernel.Series is the label. They are apart from
+// kernels.txt so that tests looping over Kernels do not boot them. The first
+// call builds them (KEEP_KERNELS=1: a set already built is kept); the list
+// is read once per process. A series the archive does not serve is left
+// out (the builder warns).
+func ExtraKernels() ([]Kernel, error) {
+	if err := prepareHost(); err != nil {
+		return nil, err
+	}
+	extraOnce.Do(func() {
+		cache, err := CacheDir()
+		if err != nil {
+			extraErr = err
+			return
+		}
+		if !shortMode() {
+			if extraErr = buildExtra(); extraErr != nil {
+				return
+			}
+		}
+		extraSet, extraErr = readExtraKernels(cache)
+	})
+	return extraSet, extraErr
+}
+
+// ExtraKernel returns the extra kernel with one label ("5.10", "6.12-deb13", "7.x").
+func ExtraKernel(label string) (Kernel, error) {
+	ks, err := ExtraKernels()
+	if err != nil {
+		return Kernel{}, err
+	}
+	for _, k := range ks {
+		if k.Series == label {
+			return k, nil
+		}
+	}
+	return Kernel{}, fmt.Errorf("testguest: no extra kernel %s built (see the warnings of testdata/guest/build-extra.sh)", label)
+}
+
+func buildExtra() error {
+	root, err := RepoRoot()
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command("bash", filepath.Join(root, "testdata/guest/build-extra.sh"))
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "KEEP_KERNELS=1")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("testguest: testdata/guest/build-extra.sh failed: %v\n%s", err, out)
+	}
+	return nil
+}
+
+func readExtraKernels(cache string) ([]Kernel, error) {
+	path := filepath.Join(cache, "extra-kernels.txt")
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("testguest: extra kernels not built (run testdata/guest/build-extra.sh): %w", err)
+	}
+	defer f.Close()
+	var ks []Kernel
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) != 2 {
+			continue
+		}
+		k := Kernel{Series: fields[0], Release: fields[1], Dir: filepath.Join(cache, "kernels", fields[1])}
+		if _, err := os.Stat(k.Vmlinuz()); err != nil {
+			return nil, fmt.Errorf("testguest: extra kernel %s listed but not built: %w", k.Release, err)
+		}
+		ks = append(ks, k)
+	}
+	if err := sc.Err(); err != nil {
+		return nil, err
+	}
+	if len(ks) == 0 {
+		return nil, fmt.Errorf("testguest: %s lists no kernel", path)
+	}
+	return ks, nil
+}
