@@ -24,9 +24,11 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -399,7 +401,7 @@ func patchText(id, desc string, g Guest, objects map[string]string, edits []edit
 	// when they do (the apply retries, then refuses naming the task).
 	b.WriteString("consistency: stack\n")
 	b.WriteString("objects:\n")
-	for _, name := range sortedKeys(objects) {
+	for _, name := range slices.Sorted(maps.Keys(objects)) {
 		fmt.Fprintf(&b, "  %s: %s\n", q(name), q(objects[name]))
 	}
 	b.WriteString("edits:\n")
@@ -411,19 +413,6 @@ func patchText(id, desc string, g Guest, objects map[string]string, edits []edit
 		fmt.Fprintf(&b, ", object: %s, with: %s}\n", q(e.object), e.function)
 	}
 	return b.String()
-}
-
-func sortedKeys(m map[string]string) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	for i := 1; i < len(out); i++ {
-		for j := i; j > 0 && out[j] < out[j-1]; j-- {
-			out[j], out[j-1] = out[j-1], out[j]
-		}
-	}
-	return out
 }
 
 func writeAtomic(path string, data []byte) error {
