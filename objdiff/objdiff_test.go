@@ -184,20 +184,31 @@ func TestDiff(t *testing.T) {
 	}
 }
 
-func TestExtract(t *testing.T) {
+// verified loads the three fixtures and verifies the normal build against
+// a fake guest made of it: what Extract starts from.
+func verified(t *testing.T) (in Inputs, g *fakeGuest, addrs map[string]uint64) {
+	t.Helper()
 	normal, _ := load(t, "before.o")
-	before, _ := load(t, "before-fs.o")
-	after, _ := load(t, "after-fs.o")
-	g, addrs := newFakeGuest(t, normal)
+	in.Before, _ = load(t, "before-fs.o")
+	in.After, _ = load(t, "after-fs.o")
+	g, addrs = newFakeGuest(t, normal)
 	m, err := Verify(normal, g)
 	if err != nil {
 		t.Fatal(err)
 	}
+	in.Match, in.Guest = m, g
+	return in, g, addrs
+}
+
+func TestExtract(t *testing.T) {
+	in, g, addrs := verified(t)
+	before, after := in.Before, in.After
 	c, err := Diff(before, after)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ex, err := Extract(Inputs{Before: before, After: after, Change: c, Match: m, Guest: g})
+	in.Change = c
+	ex, err := Extract(in)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -240,16 +251,9 @@ func TestExtract(t *testing.T) {
 // A static whose name several kallsyms entries share is named by its
 // position: the guest code tells which entry it is.
 func TestExtractSympos(t *testing.T) {
-	normal, _ := load(t, "before.o")
-	before, _ := load(t, "before-fs.o")
-	after, _ := load(t, "after-fs.o")
-	g, addrs := newFakeGuest(t, normal)
-	m, err := Verify(normal, g)
-	if err != nil {
-		t.Fatal(err)
-	}
-	x := &extractor{in: Inputs{Before: before, After: after, Match: m, Guest: g}}
-	name, err := x.guestName(after.Symbol("counter"))
+	in, _, addrs := verified(t)
+	x := &extractor{in: in}
+	name, err := x.guestName(in.After.Symbol("counter"))
 	if err != nil {
 		t.Fatal(err)
 	}
