@@ -10,20 +10,39 @@ import (
 )
 
 // The kernel's build step (scripts/kallsyms) emits these tables into
-// .rodata, each label aligned to the pointer size:
+// .rodata. The layouts, and the upstream changes that introduced them:
 //
 //	up to 6.3:  addresses|offsets, [relative_base], num_syms, names, markers,
-//	            [seqs_of_names (6.2+, and stable backports)], token_table, token_index
-//	6.4 and on: num_syms, names, markers, token_table, token_index,
+//	            [seqs_of_names], token_table, token_index
+//	            (labels aligned to the pointer size)
+//	6.4 to 6.x: num_syms, names, markers, token_table, token_index,
 //	            addresses|offsets, [relative_base], seqs_of_names
+//	            (404bad70fcf7 "scripts/kallsyms: change the output order")
+//	7.0 and on: num_syms, names, markers, token_table, token_index,
+//	            offsets, seqs_of_names; every label 4-aligned, no
+//	            relative_base (a081b5789255 "kallsyms: Get rid of kallsyms
+//	            relative base")
 //
 // names is a stream of entries: a length (one byte, or two as ULEB128 since
-// 6.1) then that many token codes. Expanding the codes through token_table
-// gives the type letter followed by the name. markers[i] is the stream
-// offset of entry 256*i. Addresses are either absolute pointers, or 32-bit
-// offsets from relative_base; with absolute per-CPU, a non-negative offset is
-// itself the (unrelocated) value and a negative one means
-// relative_base - 1 - offset.
+// 6.1, "kallsyms: support "big" kernel symbols") then that many token codes.
+// Expanding the codes through token_table gives the type letter followed by
+// the name. markers[i] is the stream offset of entry 256*i.
+// kallsyms_seqs_of_names (3 bytes per symbol) came with 6.2 ("kallsyms:
+// Improve the performance of kallsyms_lookup_name()"; stable backports put
+// it into older series too).
+//
+// The addresses, by kernel:
+//   - absolute pointers (kallsyms_addresses), without
+//     KALLSYMS_BASE_RELATIVE; gone in 6.11 ("kallsyms: get rid of code for
+//     absolute kallsyms");
+//   - 32-bit offsets from kallsyms_relative_base; with KALLSYMS_ABSOLUTE_PERCPU
+//     (x86-64 SMP) a non-negative offset is itself the (unrelocated) per-CPU
+//     value and a negative one means relative_base - 1 - offset, until 6.15
+//     (01157ddc58dc "kallsyms: Remove KALLSYMS_ABSOLUTE_PERCPU"), then plain
+//     unsigned offsets;
+//   - from 7.0 (a081b5789255) place-relative: entry i holds the symbol's
+//     address minus the entry's own address (".long _text - . + off",
+//     read back with offset_to_ptr).
 //
 // Nothing here trusts a symbol: the token table is found by its shape, every
 // other table by where the layouts put it, and each candidate is checked in
@@ -41,6 +60,7 @@ const (
 	AddrAbsolute               = "absolute"                      // kallsyms_addresses, pointers
 	AddrRelative               = "base-relative"                 // kallsyms_offsets + relative_base
 	AddrRelativeAbsolutePerCPU = "base-relative+absolute-percpu" // non-negative offsets are absolute values
+	AddrPlaceRelative          = "place-relative"                // 7.0+: offset from the entry's own address
 )
 
 // KallsymsInfo describes where the tables were found. Addresses are virtual
@@ -48,7 +68,7 @@ const (
 type KallsymsInfo struct {
 	Layout       string
 	Addressing   string
-	PointerSize  int // alignment of the labels and size of absolute addresses
+	PointerSize  int // alignment of the labels (4 on 7.0+ kernels) and size of absolute addresses
 	NumSyms      int
 	NumAbsolute  int    // symbols whose value is not relocated (per-CPU)
 	RelativeBase uint64 // value of kallsyms_relative_base, 0 for absolute addressing
@@ -79,9 +99,12 @@ func (in *KallsymsInfo) String() string {
 	row("kallsyms_markers", in.MarkersAddr, "")
 	row("kallsyms_token_table", in.TokenTableAddr, "")
 	row("kallsyms_token_index", in.TokenIndexAddr, "")
-	if in.Addressing == AddrAbsolute {
+	switch in.Addressing {
+	case AddrAbsolute:
 		row("kallsyms_addresses", in.AddressesAddr, "")
-	} else {
+	case AddrPlaceRelative:
+		row("kallsyms_offsets", in.AddressesAddr, " (place-relative)")
+	default:
 		row("kallsyms_offsets", in.AddressesAddr, "")
 		row("kallsyms_relative_base", in.RelativeBaseAddr, fmt.Sprintf(" = %#x", in.RelativeBase))
 	}
@@ -627,6 +650,19 @@ func isTypeLetter(c byte) bool { return c >= 'a' && c <= 'z' || c >= 'A' && c <=
 func (d *decoder) addressesAfterIndex(tok *tokenTable, syms []Symbol, info *KallsymsInfo) error {
 	ptr := info.PointerSize
 	at := d.alignUp(tok.index+512, ptr)
+	var errPlace error
+	if ptr == 4 {
+		// 7.0+: 4-aligned labels, place-relative offsets, then
+		// seqs_of_names; no relative_base.
+		if errPlace = d.placeRelativeAddresses(at, syms, info); errPlace == nil {
+			seqs := d.alignUp(at+4*len(syms), 4)
+			if seqs+3*len(syms) <= len(d.img) {
+				info.SeqsOfNamesAddr = d.va(seqs)
+				info.SeqsEntrySize = 3
+			}
+			return nil
+		}
+	}
 	errRel := d.relativeAddresses(at, syms, info)
 	if errRel == nil {
 		rb := d.alignUp(at+4*len(syms), ptr)
@@ -637,9 +673,47 @@ func (d *decoder) addressesAfterIndex(tok *tokenTable, syms []Symbol, info *Kall
 		}
 		return nil
 	}
+	if errPlace != nil {
+		errRel = fmt.Errorf("%v; %v", errPlace, errRel)
+	}
 	if err := d.absoluteAddresses(at, syms, info); err != nil {
 		return fmt.Errorf("after token_index: %v; %v", errRel, err)
 	}
+	return nil
+}
+
+// placeRelativeAddresses decodes 7.0+ kallsyms_offsets at off: entry i is
+// the symbol's address minus the entry's own address, a signed 32-bit
+// value. Zero-filled memory would decode as addresses rising by 4 at the
+// table itself, so entries of 0 are refused beyond one, and the addresses
+// must be sorted like every kallsyms table.
+func (d *decoder) placeRelativeAddresses(off int, syms []Symbol, info *KallsymsInfo) error {
+	n := len(syms)
+	if off < 0 || off+4*n > len(d.img) {
+		return fmt.Errorf("place-relative offsets at image offset %d for %d symbols do not fit", off, n)
+	}
+	var prev uint64
+	zeros := 0
+	for i := range syms {
+		o := int32(d.u32(off + 4*i))
+		if o == 0 {
+			if zeros++; zeros > 1 {
+				return fmt.Errorf("place-relative kallsyms_offsets at %#x: more than one zero entry", d.va(off))
+			}
+		}
+		a := d.va(off+4*i) + uint64(int64(o))
+		if i > 0 && a < prev {
+			return fmt.Errorf("place-relative kallsyms_offsets at %#x: symbol %d (%s) at %#x is below the previous one at %#x", d.va(off), i, syms[i].Name, a, prev)
+		}
+		prev = a
+		syms[i].Addr = a
+	}
+	if n > 1 && syms[0].Addr == syms[n-1].Addr {
+		return fmt.Errorf("place-relative kallsyms_offsets at %#x: all %d symbols at %#x", d.va(off), n, syms[0].Addr)
+	}
+	info.AddressesAddr = d.va(off)
+	info.Addressing = AddrPlaceRelative
+	info.RelativeBase, info.RelativeBaseAddr, info.NumAbsolute = 0, 0, 0
 	return nil
 }
 

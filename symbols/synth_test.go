@@ -20,10 +20,13 @@ import (
 type synthLayout struct {
 	name         string
 	numSymsFirst bool   // 6.4+ order
-	addressing   string // AddrAbsolute, AddrRelative, AddrRelativeAbsolutePerCPU
+	addressing   string // AddrAbsolute, AddrRelative, AddrRelativeAbsolutePerCPU, AddrPlaceRelative
 	seqsEntry    int    // kallsyms_seqs_of_names entry size: 0 (absent), 3 or 4
-	ptr          int    // label alignment and pointer size: 8 or 4
+	ptr          int    // label alignment and pointer size: 8 or 4 (7.0+: 4-aligned labels on a 64-bit kernel)
 }
+
+// wide says whether the layout's kernel is 64-bit.
+func (l synthLayout) wide() bool { return l.ptr == 8 || l.addressing == AddrPlaceRelative }
 
 var synthLayouts = []synthLayout{
 	{"4.x-absolute", false, AddrAbsolute, 0, 8},
@@ -36,6 +39,7 @@ var synthLayouts = []synthLayout{
 	{"6.4-num_syms-first", true, AddrRelativeAbsolutePerCPU, 3, 8},
 	{"6.4-num_syms-first-relative", true, AddrRelative, 3, 8},
 	{"6.4-num_syms-first-absolute", true, AddrAbsolute, 0, 8},
+	{"7.0-place-relative", true, AddrPlaceRelative, 3, 4},
 }
 
 // synthSymbols makes a kernel-like symbol list: per-CPU absolutes first
@@ -196,6 +200,12 @@ func encodeKallsyms(syms []Symbol, l synthLayout, base uint64, junkBefore, junkA
 				ptrv(s.Addr)
 			}
 			return
+		case AddrPlaceRelative:
+			// ".long _text - . + off": the address minus the entry's own.
+			for _, s := range syms {
+				le32(uint32(int32(int64(s.Addr - va()))))
+			}
+			return
 		case AddrRelative:
 			relBase = syms[0].Addr
 			for _, s := range syms {
@@ -311,7 +321,7 @@ func encodeKallsyms(syms []Symbol, l synthLayout, base uint64, junkBefore, junkA
 	if l.numSymsFirst {
 		si.info.Layout = LayoutNumSymsFirst
 	}
-	if l.addressing == AddrAbsolute {
+	if l.addressing == AddrAbsolute || l.addressing == AddrPlaceRelative {
 		si.info.RelativeBaseAddr = 0
 	}
 	return si
@@ -331,9 +341,13 @@ func TestDecodeSyntheticLayouts(t *testing.T) {
 	for i, l := range synthLayouts {
 		t.Run(l.name, func(t *testing.T) {
 			rng := rand.New(rand.NewPCG(uint64(i), 42))
-			syms := synthSymbols(rng, 1500+rng.IntN(300), l.addressing == AddrRelativeAbsolutePerCPU, l.ptr == 8, l.ptr)
+			ptr := l.ptr
+			if l.wide() {
+				ptr = 8
+			}
+			syms := synthSymbols(rng, 1500+rng.IntN(300), l.addressing == AddrRelativeAbsolutePerCPU, ptr == 8, ptr)
 			base := uint64(0xffffffff81000000)
-			if l.ptr == 4 {
+			if ptr == 4 {
 				base = 0xc1000000
 			}
 			si := encodeKallsyms(syms, l, base, junk(rng, 40000+rng.IntN(64)), junk(rng, 30000))
