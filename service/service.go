@@ -6,6 +6,7 @@
 package service
 
 import (
+	"bufio"
 	"encoding/hex"
 	"fmt"
 	"io"
@@ -241,21 +242,32 @@ func ParseAddr(k *introspect.Kernel, s string) (uint64, bool) {
 // holding it.
 func Sym(source string, k *introspect.Kernel, q string) (SymLookup, error) {
 	if addr, ok := ParseAddr(k, q); ok {
+		tab := k.Symbols
 		s, off, ok := ResolveAddr(k, addr)
+		if !ok && (addr < k.TextStart || addr >= k.TextEnd) {
+			tab = moduleTable(k)
+			s, off, ok = resolveModuleAddr(tab, addr)
+		}
 		if !ok {
 			return SymLookup{}, fmt.Errorf("%s: no symbol holds address %#x", source, addr)
 		}
-		j := symbolInfo(k.Symbols, s)
+		j := symbolInfo(tab, s)
 		j.Offset = off
 		return SymLookup{Query: q, ByAddr: true, Symbols: []SymbolInfo{j}}, nil
 	}
-	found := k.Symbols.Lookup(q)
+	tab := k.Symbols
+	found := tab.Lookup(q)
 	if len(found) == 0 {
-		return SymLookup{}, fmt.Errorf("%s: no symbol %q in the guest kernel (%s)", source, q, k.Release)
+		if mt := moduleTable(k); mt != nil {
+			tab, found = mt, mt.Lookup(q)
+		}
+	}
+	if len(found) == 0 {
+		return SymLookup{}, fmt.Errorf("%s: no symbol %q in the guest kernel (%s) or its loaded modules", source, q, k.Release)
 	}
 	out := SymLookup{Query: q, Symbols: []SymbolInfo{}}
 	for _, s := range found {
-		out.Symbols = append(out.Symbols, symbolInfo(k.Symbols, s))
+		out.Symbols = append(out.Symbols, symbolInfo(tab, s))
 	}
 	return out, nil
 }
@@ -265,16 +277,22 @@ func Sym(source string, k *introspect.Kernel, q string) (SymLookup, error) {
 type SymbolList []Symbol
 
 func (l SymbolList) WriteText(w io.Writer) error {
-	syms := make([]symbols.Symbol, 0, len(l))
+	// In list order, as /proc/kallsyms: the image's symbols by address,
+	// then each module's in its own symbol-table order.
+	bw := bufio.NewWriterSize(w, 1<<16)
 	for _, s := range l {
 		addr, _ := strconv.ParseUint(s.Addr, 0, 64)
 		var typ byte = '?'
 		if s.Type != "" && s.Type[0] > ' ' && s.Type[0] < 0x7f {
 			typ = s.Type[0]
 		}
-		syms = append(syms, symbols.Symbol{Name: Escape(s.Name), Addr: addr, Type: typ, Module: Escape(s.Module)})
+		fmt.Fprintf(bw, "%016x %c %s", addr, typ, Escape(s.Name))
+		if s.Module != "" {
+			fmt.Fprintf(bw, "\t[%s]", Escape(s.Module))
+		}
+		bw.WriteByte('\n')
 	}
-	return symbols.NewTable(syms).WriteKallsyms(w)
+	return bw.Flush()
 }
 
 // Syms lists the kernel's symbols, those whose name matches grep when it is
@@ -288,7 +306,7 @@ func Syms(k *introspect.Kernel, grep string) (SymbolList, error) {
 		}
 	}
 	out := SymbolList{}
-	for _, s := range k.Symbols.All() {
+	for _, s := range append(k.Symbols.All(), moduleSymbols(k)...) {
 		if re == nil || re.MatchString(s.Name) {
 			out = append(out, Symbol{Name: s.Name, Addr: HexAddr(s.Addr), Type: string(s.Type), Module: s.Module})
 		}
@@ -319,7 +337,14 @@ func ResolveTarget(k *introspect.Kernel, s string) (uint64, error) {
 	name, offStr, hasOff := strings.Cut(s, "+")
 	addr, err := k.Symbols.Addr(name)
 	if err != nil {
-		return 0, err
+		// A module symbol (the module's own table), when the image has none.
+		mt := moduleTable(k)
+		if mt == nil || len(mt.Lookup(name)) == 0 {
+			return 0, err
+		}
+		if addr, err = mt.Addr(name); err != nil {
+			return 0, err
+		}
 	}
 	if hasOff {
 		off, err := strconv.ParseUint(offStr, 0, 64)

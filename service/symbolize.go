@@ -6,16 +6,19 @@ import (
 
 	"github.com/hvpatch/hvpatch/codearea"
 	"github.com/hvpatch/hvpatch/introspect"
+	"github.com/hvpatch/hvpatch/symbols"
 )
 
 // symbolizer names code addresses for a listing: kernel symbols, then
-// loaded modules ([name]+off: hvpatch reads no module symbol tables), then
+// loaded modules' own symbols ("sym+off [module]"; "[module]+off" where a
+// module's table cannot be read or has no symbol near), then
 // the functions hvpatch placed in its code area. Modules and the code area
 // are read once, and only when an address falls outside the kernel image.
 type symbolizer struct {
 	k      *introspect.Kernel
 	loaded bool
 	mods   []introspect.Module
+	msyms  *symbols.Table
 	area   []codearea.Entry
 }
 
@@ -41,6 +44,9 @@ func (s *symbolizer) name(addr uint64, always bool) string {
 			return withOff(e.Name, addr-e.Entry) + " [hvpatch]"
 		}
 	}
+	if sym, off, ok := resolveModuleAddr(s.msyms, addr); ok {
+		return withOff(sym.Name, off) + " [" + sym.Module + "]"
+	}
 	for _, m := range s.mods {
 		if addr >= m.Base && addr < m.Base+m.Size {
 			return withOff("["+m.Name+"]", addr-m.Base)
@@ -55,6 +61,7 @@ func (s *symbolizer) load() {
 	}
 	s.loaded = true
 	s.mods, _ = s.k.Modules()
+	s.msyms = moduleTable(s.k)
 	if a, err := codearea.Find(s.k); err == nil && a.Mapped() {
 		s.area = a.Entries()
 	}
