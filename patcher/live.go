@@ -29,6 +29,43 @@ func (t KernelTarget) Symbols(name string) []Symbol {
 	return out
 }
 
+// ModuleSymbols reads the loaded modules' symbol tables from guest memory
+// (introspect.Kernel.ModuleSymbols) and returns those of one module with
+// that name; a function's size reaches to the module's next symbol.
+func (t KernelTarget) ModuleSymbols(module, name string) ([]Symbol, error) {
+	mods, err := t.K.Modules()
+	if err != nil {
+		return nil, err
+	}
+	loaded := false
+	for _, m := range mods {
+		loaded = loaded || m.Name == module
+	}
+	if !loaded {
+		return nil, fmt.Errorf("module %s is not loaded in the guest", module)
+	}
+	all, err := t.K.ModuleSymbols()
+	if err != nil {
+		return nil, fmt.Errorf("module %s: %w", module, err)
+	}
+	var own []symbols.Symbol
+	for _, s := range all {
+		if s.Module == module {
+			own = append(own, s)
+		}
+	}
+	tab := symbols.NewTable(own)
+	var out []Symbol
+	for _, s := range tab.Lookup(name) {
+		size := uint64(0)
+		if symbols.IsText(s.Type) {
+			size = tab.FunctionSize(s)
+		}
+		out = append(out, Symbol{Name: s.Name, Addr: s.Addr, Size: size})
+	}
+	return out, nil
+}
+
 func (t KernelTarget) Describe(addr uint64) string {
 	s, off, ok := t.K.Symbols.Resolve(addr)
 	if !ok {

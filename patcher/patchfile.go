@@ -108,6 +108,12 @@ type Edit struct {
 	// address order) of several guest symbols of the same name (static
 	// functions of different files). Without it such a name is an error.
 	Sympos *int `yaml:"sympos,omitempty"`
+
+	// Module (return, bytes, replace) says the function or symbol is one
+	// of that loaded module's (its name as /proc/modules shows it, e.g.
+	// nf_tables), read from the module's own symbol table; without it the
+	// name is the kernel image's.
+	Module string `yaml:"module,omitempty"`
 }
 
 // Name is the function (return, replace) or symbol (bytes) the edit is at.
@@ -350,9 +356,15 @@ func (p *Patch) validateObjects() error {
 	return nil
 }
 
+// moduleName is a loaded module's name (MODULE_NAME_LEN is 56 with the NUL).
+var moduleName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,55}$`)
+
 func (e *Edit) validate() error {
 	if e.Sympos != nil && *e.Sympos < 1 {
 		return fmt.Errorf("sympos %d: want 1 or more (the N-th symbol of that name in kallsyms order)", *e.Sympos)
+	}
+	if e.Module != "" && !moduleName.MatchString(e.Module) {
+		return fmt.Errorf("module %q: want a module name as /proc/modules shows it (1-55 characters of a-z A-Z 0-9 _ -)", e.Module)
 	}
 	if e.Kind != KindReplace && (e.Object != "" || e.With != "") {
 		return fmt.Errorf("kind %s does not take object/with (those are for kind replace)", e.Kind)
@@ -420,10 +432,14 @@ func (e *Edit) validate() error {
 }
 
 func (e *Edit) posText() string {
-	if e.Sympos == nil {
-		return ""
+	t := ""
+	if e.Module != "" {
+		t = " [" + e.Module + "]"
 	}
-	return fmt.Sprintf(" (sympos %d)", *e.Sympos)
+	if e.Sympos == nil {
+		return t
+	}
+	return t + fmt.Sprintf(" (sympos %d)", *e.Sympos)
 }
 
 // String describes an edit in a line.

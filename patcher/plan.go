@@ -207,7 +207,7 @@ func matchKernel(p *Patch, release, buildID string) error {
 
 // planReturn places a return sequence at the function's fentry site.
 func planReturn(t Target, e *Edit) (PlannedEdit, error) {
-	sym, err := editSymbol(t, e.Function, e.Pos())
+	sym, err := symbolOf(t, e)
 	if err != nil {
 		return PlannedEdit{}, err
 	}
@@ -252,7 +252,7 @@ const decodeSlack = 15
 
 // planBytes checks a bytes edit against memory and instruction boundaries.
 func planBytes(t Target, e *Edit, opt PlanOptions) (PlannedEdit, error) {
-	sym, err := editSymbol(t, e.Symbol, e.Pos())
+	sym, err := symbolOf(t, e)
 	if err != nil {
 		return PlannedEdit{}, err
 	}

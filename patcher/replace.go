@@ -170,7 +170,7 @@ func planReplaces(t Target, p *Patch, idx []int, out []PlannedEdit) error {
 }
 
 func readReplaceSite(t Target, i int, e *Edit) (replaceSite, error) {
-	sym, err := editSymbol(t, e.Function, e.Pos())
+	sym, err := symbolOf(t, e)
 	if err != nil {
 		return replaceSite{}, err
 	}

@@ -54,6 +54,15 @@ func (v *originalView) ReadVirt(va uint64, p []byte) error {
 	return nil
 }
 
+// ModuleSymbols forwards to the wrapped target's module symbols.
+func (v *originalView) ModuleSymbols(module, name string) ([]Symbol, error) {
+	mt, ok := v.Target.(ModuleTarget)
+	if !ok {
+		return nil, fmt.Errorf("module %s: this target cannot read module symbols", module)
+	}
+	return mt.ModuleSymbols(module, name)
+}
+
 // Kernel forwards the live kernel of a wrapped KernelHolder (nil if none).
 func (v *originalView) Kernel() *introspect.Kernel {
 	if kh, ok := v.Target.(KernelHolder); ok {
@@ -128,7 +137,7 @@ func supersedeList(j *Journal, p *Patch, bootID string) ([]JournalPatch, error) 
 func checkOwners(t Target, j *Journal, p *Patch, bootID string) error {
 	for i := range p.Edits {
 		e := &p.Edits[i]
-		sym, err := editSymbol(t, e.Name(), e.Pos())
+		sym, err := symbolOf(t, e)
 		if err != nil {
 			continue // MakePlan reports it
 		}

@@ -145,6 +145,52 @@ func uniqueSymbol(t Target, name string) (Symbol, error) {
 	return Symbol{}, fmt.Errorf("symbol %s is ambiguous in guest kernel %s: %d definitions: %s", name, t.Release(), len(syms), candidates(syms))
 }
 
+// ModuleTarget is a Target that also reads the symbols of loaded modules
+// (each module's own symbol table).
+type ModuleTarget interface {
+	// ModuleSymbols returns the symbols called name of the loaded module
+	// called module; an error when that module is not loaded or its table
+	// cannot be read.
+	ModuleSymbols(module, name string) ([]Symbol, error)
+}
+
+// symbolOf resolves the symbol an edit is at: in the kernel image
+// (editSymbol), or with module: set in that loaded module's own table.
+func symbolOf(t Target, e *Edit) (Symbol, error) {
+	if e.Module == "" {
+		return editSymbol(t, e.Name(), e.Pos())
+	}
+	mt, ok := t.(ModuleTarget)
+	if !ok {
+		return Symbol{}, fmt.Errorf("module %s: this target cannot read module symbols", e.Module)
+	}
+	all, err := mt.ModuleSymbols(e.Module, e.Name())
+	if err != nil {
+		return Symbol{}, err
+	}
+	sort.SliceStable(all, func(i, j int) bool { return all[i].Addr < all[j].Addr })
+	var syms []Symbol
+	for _, s := range all {
+		if n := len(syms); n > 0 && syms[n-1].Addr == s.Addr {
+			continue
+		}
+		syms = append(syms, s)
+	}
+	where := fmt.Sprintf("module %s of guest kernel %s", e.Module, t.Release())
+	switch pos := e.Pos(); {
+	case len(syms) == 0:
+		return Symbol{}, fmt.Errorf("unknown symbol %s in %s", e.Name(), where)
+	case pos > len(syms):
+		return Symbol{}, fmt.Errorf("sympos %d: %s has %d symbol(s) %s: %s", pos, where, len(syms), e.Name(), candidates(syms))
+	case pos > 0:
+		return syms[pos-1], nil
+	case len(syms) == 1:
+		return syms[0], nil
+	}
+	return Symbol{}, fmt.Errorf("symbol %s is ambiguous in %s: %d definitions: %s; add sympos: N to the edit to pick the N-th",
+		e.Name(), where, len(syms), candidates(syms))
+}
+
 // editSymbol resolves the symbol an edit names: the only one of that name,
 // or with sympos N >= 1 the N-th in kallsyms order. An ambiguous name
 // without sympos is an error listing the candidates.
