@@ -21,6 +21,9 @@ func TestMain(m *testing.M) {
 	if spec := os.Getenv("HVPATCH_FREEZE_HELPER"); spec != "" {
 		os.Exit(freezeHelper(spec))
 	}
+	if n := os.Getenv("HVPATCH_THREADS_HELPER"); n != "" {
+		os.Exit(threadsHelper(n))
+	}
 	if dom := os.Getenv("HVPATCH_GDB_HELPER"); dom != "" {
 		os.Exit(gdbHelper(dom))
 	}
@@ -126,8 +129,7 @@ func testFreezers(t *testing.T, lg *liveGuest) {
 
 // fz0Thaw thaws a freeze twice; the second must fail.
 var fz0Thaw = func() (time.Duration, error) {
-	fz := &ptraceFrozen{thaw: make(chan struct{}), done: make(chan thawResult, 1)}
-	close(fz.thaw)
+	fz := &ptraceFrozen{f: &ptraceFreezer{domain: "x"}, thawed: true}
 	return fz.Thaw()
 }
 

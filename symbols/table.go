@@ -35,6 +35,37 @@ type Table struct {
 
 	textOnce sync.Once
 	textFrom []int32 // index -> first index at or after it of a text symbol, or -1
+
+	// A view made by WithSlide shares base's symbols and indexes and adds
+	// slide to every address but absolute ones; syms is nil until All
+	// needs the slid copy.
+	base    *Table
+	slide   uint64
+	allOnce sync.Once
+}
+
+// slid is s as this table shows it.
+func (t *Table) slid(s Symbol) Symbol {
+	if s.Type != 'A' && s.Type != 'a' {
+		s.Addr += t.slide
+	}
+	return s
+}
+
+// root is the table holding the symbols (t itself unless t is a view).
+func (t *Table) root() *Table {
+	if t.base != nil {
+		return t.base
+	}
+	return t
+}
+
+// at is the i-th symbol in address order.
+func (t *Table) at(i int) Symbol {
+	if t.base != nil {
+		return t.slid(t.base.syms[i])
+	}
+	return t.syms[i]
 }
 
 // NewTable builds a table from syms (copied; the caller keeps its slice).
@@ -67,11 +98,21 @@ func newTableOwned(syms []Symbol) *Table {
 }
 
 // Len is the number of symbols.
-func (t *Table) Len() int { return len(t.syms) }
+func (t *Table) Len() int { return len(t.root().syms) }
 
 // All returns the symbols in address order (kallsyms order among equal
 // addresses). The slice is the table's own: do not modify it.
-func (t *Table) All() []Symbol { return slices.Clip(t.syms) }
+func (t *Table) All() []Symbol {
+	if t.base != nil {
+		t.allOnce.Do(func() {
+			t.syms = make([]Symbol, len(t.base.syms))
+			for i, s := range t.base.syms {
+				t.syms[i] = t.slid(s)
+			}
+		})
+	}
+	return slices.Clip(t.syms)
+}
 
 func (t *Table) buildNameIndex() {
 	t.first = make(map[string]int32, len(t.syms))
@@ -96,14 +137,15 @@ func (t *Table) buildNameIndex() {
 
 // Lookup returns every symbol called name, in address order.
 func (t *Table) Lookup(name string) []Symbol {
-	t.nameOnce.Do(t.buildNameIndex)
-	i, ok := t.first[name]
+	r := t.root()
+	r.nameOnce.Do(r.buildNameIndex)
+	i, ok := r.first[name]
 	if !ok {
 		return nil
 	}
 	var out []Symbol
-	for ; i >= 0; i = t.next[i] {
-		out = append(out, t.syms[i])
+	for ; i >= 0; i = r.next[i] {
+		out = append(out, t.at(int(i)))
 	}
 	return out
 }
@@ -133,18 +175,19 @@ func (t *Table) Addr(name string) (uint64, error) {
 // as the kernel's own lookup does). An address above the last symbol has no
 // upper bound to be checked against and is not resolved.
 func (t *Table) Resolve(addr uint64) (sym Symbol, off uint64, ok bool) {
-	i := sort.Search(len(t.syms), func(i int) bool { return t.syms[i].Addr > addr })
+	n := t.Len()
+	i := sort.Search(n, func(i int) bool { return t.at(i).Addr > addr })
 	if i == 0 {
 		return Symbol{}, 0, false
 	}
-	at := t.syms[i-1].Addr
-	if i == len(t.syms) && at != addr {
+	at := t.at(i - 1).Addr
+	if i == n && at != addr {
 		return Symbol{}, 0, false
 	}
 	// The first of the symbols at that address, by binary search: a guest
 	// may put any number of symbols at one address.
-	j := sort.Search(i, func(j int) bool { return t.syms[j].Addr >= at })
-	return t.syms[j], addr - at, true
+	j := sort.Search(i, func(j int) bool { return t.at(j).Addr >= at })
+	return t.at(j), addr - at, true
 }
 
 // IsText reports whether a kallsyms type letter marks code.
@@ -161,11 +204,13 @@ func IsText(typ byte) bool {
 // symbol is the following function's __pfx_ symbol, so the padding is not
 // counted.
 func (t *Table) FunctionSize(s Symbol) uint64 {
-	i := sort.Search(len(t.syms), func(i int) bool { return t.syms[i].Addr > s.Addr })
-	t.textOnce.Do(t.buildTextIndex)
-	if i < len(t.syms) {
-		if j := t.textFrom[i]; j >= 0 {
-			return t.syms[j].Addr - s.Addr
+	n := t.Len()
+	i := sort.Search(n, func(i int) bool { return t.at(i).Addr > s.Addr })
+	r := t.root()
+	r.textOnce.Do(r.buildTextIndex)
+	if i < n {
+		if j := r.textFrom[i]; j >= 0 {
+			return t.at(int(j)).Addr - s.Addr
 		}
 	}
 	return 0
@@ -188,9 +233,33 @@ func (t *Table) buildTextIndex() {
 // 2^64, so a negative slide works too), except absolute symbols (type A/a):
 // kallsyms marks zero-based per-CPU symbols absolute, and KASLR does not move
 // them.
+//
+// The new table shares t's symbols and indexes (a few dozen bytes, however
+// large t is) when moving the addresses keeps them in order, which it does
+// for a kernel's own table (absolute symbols are small, the rest sit high in
+// the address space); otherwise it is a sorted copy.
 func (t *Table) WithSlide(slide uint64) *Table {
-	out := make([]Symbol, len(t.syms))
-	for i, s := range t.syms {
+	r, total := t.root(), t.slide+slide
+	if t.base == nil {
+		total = slide
+	}
+	view := &Table{base: r, slide: total}
+	prev := uint64(0)
+	for i := range r.syms {
+		a := view.at(i).Addr
+		if a < prev { // out of order once moved: a sorted copy
+
+			return copySlid(r, total)
+		}
+		prev = a
+	}
+	return view
+}
+
+// copySlid is a sorted copy of r with every address but absolute ones moved.
+func copySlid(r *Table, slide uint64) *Table {
+	out := make([]Symbol, len(r.syms))
+	for i, s := range r.syms {
 		if s.Type != 'A' && s.Type != 'a' {
 			s.Addr += slide
 		}
@@ -203,7 +272,8 @@ func (t *Table) WithSlide(slide uint64) *Table {
 func (t *Table) WriteKallsyms(w io.Writer) error {
 	bw := bufio.NewWriterSize(w, 1<<16)
 	var line []byte
-	for _, s := range t.syms {
+	for i := range t.Len() {
+		s := t.at(i)
 		line = line[:0]
 		hex := strconv.AppendUint(make([]byte, 0, 16), s.Addr, 16)
 		for n := len(hex); n < 16; n++ {

@@ -2,6 +2,7 @@ package symbols
 
 import (
 	"bytes"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -179,4 +180,68 @@ func equalSyms(a, b []Symbol) bool {
 		}
 	}
 	return true
+}
+
+// TestWithSlideView: a slid table shares the original's symbols when the
+// order holds, answers like a copy would, and falls back to a copy when
+// moving the addresses would reorder them.
+func TestWithSlideView(t *testing.T) {
+	base := NewTable([]Symbol{
+		{Name: "percpu_a", Addr: 0x10, Type: 'A'},
+		{Name: "_text", Addr: 0xffffffff81000000, Type: 'T'},
+		{Name: "f", Addr: 0xffffffff81000010, Type: 't'},
+		{Name: "f_alias", Addr: 0xffffffff81000010, Type: 'T'},
+		{Name: "data", Addr: 0xffffffff81000040, Type: 'D'},
+		{Name: "g", Addr: 0xffffffff81000080, Type: 'T'},
+		{Name: "f", Addr: 0xffffffff810000c0, Type: 't'},
+	})
+	minus := func(v uint64) uint64 { return -v }
+	for _, slide := range []uint64{0x3a000000, minus(0x1000000)} {
+		view := base.WithSlide(slide)
+		if view.base != base {
+			t.Fatalf("slide %#x: not a view", slide)
+		}
+		cp := copySlid(base, slide)
+		if view.Len() != cp.Len() || !slices.Equal(view.All(), cp.All()) {
+			t.Fatalf("slide %#x: view %v, copy %v", slide, view.All(), cp.All())
+		}
+		for _, s := range cp.All() {
+			for _, d := range []uint64{0, 1, 0x20} {
+				v1, o1, ok1 := view.Resolve(s.Addr + d)
+				v2, o2, ok2 := cp.Resolve(s.Addr + d)
+				if v1 != v2 || o1 != o2 || ok1 != ok2 {
+					t.Errorf("Resolve(%#x): view %v+%#x %v, copy %v+%#x %v", s.Addr+d, v1, o1, ok1, v2, o2, ok2)
+				}
+			}
+			if !slices.Equal(view.Lookup(s.Name), cp.Lookup(s.Name)) {
+				t.Errorf("Lookup(%s): view %v copy %v", s.Name, view.Lookup(s.Name), cp.Lookup(s.Name))
+			}
+			if view.FunctionSize(s) != cp.FunctionSize(s) {
+				t.Errorf("FunctionSize(%s): view %d copy %d", s.Name, view.FunctionSize(s), cp.FunctionSize(s))
+			}
+		}
+		var b1, b2 strings.Builder
+		view.WriteKallsyms(&b1)
+		cp.WriteKallsyms(&b2)
+		if b1.String() != b2.String() {
+			t.Errorf("WriteKallsyms differs:\n%s\n%s", b1.String(), b2.String())
+		}
+		// A view of a view slides from the original.
+		back := view.WithSlide(-slide)
+		if back.base != base || !slices.Equal(back.All(), base.All()) {
+			t.Errorf("slide back: %v", back.All())
+		}
+	}
+	// Moving an address past an absolute symbol reorders: a copy.
+	low := NewTable([]Symbol{{Name: "abs", Addr: 0x1000, Type: 'A'}, {Name: "x", Addr: 0x2000, Type: 'T'}})
+	moved := low.WithSlide(minus(0x1800))
+	if moved.base != nil {
+		t.Fatal("reordering slide gave a view")
+	}
+	if a, _ := moved.Addr("x"); a != 0x800 {
+		t.Errorf("x at %#x", a)
+	}
+	if moved.All()[0].Name != "x" {
+		t.Errorf("copy not sorted: %v", moved.All())
+	}
 }
