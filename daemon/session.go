@@ -48,6 +48,15 @@ func (w markedWriter) Stop(ctx context.Context) (patcher.StoppedGuest, error) {
 	return markedStopped{StoppedGuest: sg, path: w.path}, nil
 }
 
+// Settle passes on the wrapped writer's Settle (see patcher's
+// settleWriters), when it has one.
+func (w markedWriter) Settle() error {
+	if s, ok := w.CodeWriter.(interface{ Settle() error }); ok {
+		return s.Settle()
+	}
+	return nil
+}
+
 type markedStopped struct {
 	patcher.StoppedGuest
 	path string

@@ -146,6 +146,7 @@ type directWriter struct {
 	d       *Domain
 	mem     PhysMem
 	freezer string
+	vcpus   vcpuCache
 }
 
 func (w *directWriter) Name() string { return "direct+" + w.freezer }
@@ -156,18 +157,15 @@ func (w *directWriter) Capabilities() Capabilities {
 }
 
 func (w *directWriter) Stop(ctx context.Context) (StoppedGuest, error) {
-	// Thread ids are gathered again each time (before freezing: the
-	// monitor must not be called while vCPU threads are stopped).
-	tids, err := w.d.VCPUThreads(ctx)
+	// Thread ids come from the monitor (before freezing: it must not be
+	// called while vCPU threads are stopped) and are kept while the same
+	// QEMU process has the same vCPU threads (vcpuCache).
+	pid, tids, err := w.vcpus.get(ctx, w.d)
 	if err != nil {
 		return nil, err
 	}
 	var f Freezer = w.d.SuspendFreezer()
 	if w.freezer == "ptrace" {
-		pid, err := w.d.QEMUPid(ctx)
-		if err != nil {
-			return nil, err
-		}
 		f = newPtraceFreezer(w.d.Name(), pid, tids)
 	}
 	fz, err := f.Freeze(ctx)

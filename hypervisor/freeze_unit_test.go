@@ -146,3 +146,25 @@ func TestPtraceFreezeGoneThread(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestVCPUCacheValid: the cached thread ids hold while the process and its
+// threads are the same, and not once a cached thread is gone.
+func TestVCPUCacheValid(t *testing.T) {
+	pid, tids := startThreads(t, "2")
+	st, err := procStartTime(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &vcpuCache{pid: pid, start: st, tids: tids, other: map[int]bool{}}
+	if !c.valid() || !c.valid() {
+		t.Fatal("cache of live threads is not valid")
+	}
+	c.tids = append(slices.Clone(tids), 1<<22-1)
+	if c.valid() {
+		t.Fatal("cache with a missing thread is valid")
+	}
+	c.tids, c.start = tids, st+"0"
+	if c.valid() {
+		t.Fatal("cache of another process start is valid")
+	}
+}

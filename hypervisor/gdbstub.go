@@ -99,6 +99,9 @@ type gdbWriter struct {
 	d     *Domain
 	vcpus int
 	guard *gdbGuard // resumes the VM if this process dies mid-session
+	// pending delivers the result of the last session's check that QEMU
+	// runs the VM again; nil when there is none.
+	pending chan error
 }
 
 func (w *gdbWriter) Name() string { return WriterGdbstub }
@@ -143,9 +146,14 @@ func (d *Domain) dialGdbstub(ctx context.Context, path string) (net.Conn, error)
 }
 
 func (w *gdbWriter) Stop(ctx context.Context) (StoppedGuest, error) {
+	// The previous session's check that the VM runs again comes first.
+	if err := w.settle(); err != nil {
+		return nil, err
+	}
 	// Detaching resumes the VM, so a paused domain would be resumed. QEMU
 	// itself is asked: libvirt's state lags a few milliseconds behind QEMU's
-	// after a resume or a gdbstub detach.
+	// after a resume or a gdbstub detach. This is before the stop, outside
+	// the window.
 	st, err := w.d.RunStatus(ctx)
 	if err != nil {
 		return nil, err
@@ -173,10 +181,17 @@ func (w *gdbWriter) Stop(ctx context.Context) (StoppedGuest, error) {
 		return nil, err
 	}
 	g := &gdbConn{c: c, r: bufio.NewReader(c), timeout: 5 * time.Second, path: path}
-	// The VM stops when the debugger connects; "?" returns once it has.
+	// The VM stops when the debugger connects: QEMU's main loop runs the
+	// connection's open event, whose handler stops the VM synchronously
+	// (vm_stop from the main thread waits until every vCPU is paused),
+	// before it reads a byte from the connection. So a stop reply to "?"
+	// means the VM is stopped, and the monitor is not asked on this path
+	// (a query-status round trip through libvirt costs about as much as the
+	// whole stop). Any other answer is the failure path: QEMU is asked.
 	err = g.send("?")
+	var r string
 	if err == nil {
-		_, err = g.recv()
+		r, err = g.recv()
 	}
 	if err != nil {
 		// Only one debugger at a time: callers serialise sessions per
@@ -190,19 +205,35 @@ func (w *gdbWriter) Stop(ctx context.Context) (StoppedGuest, error) {
 		}
 		return nil, fmt.Errorf("domain %s: gdbstub handshake: %w", w.d.Name(), err)
 	}
-	// QEMU answers "?" with whichever stop reply it has queued, which can
-	// be sent before the stop is complete: ask QEMU itself (the VM is
-	// stopped, not ptrace-frozen, so the monitor answers).
-	if st, err := w.d.RunStatus(ctx); err != nil || st == "running" {
-		s := &gdbStopped{w: w, g: g, start: start}
-		s.Resume()
-		if err == nil {
-			err = fmt.Errorf("QEMU still reports the VM %s after the gdbstub handshake", st)
+	if r == "" || (r[0] != 'T' && r[0] != 'S') {
+		if st, err := w.d.RunStatus(ctx); err != nil || st == "running" {
+			s := &gdbStopped{w: w, g: g, start: start}
+			s.Resume()
+			if err == nil {
+				err = fmt.Errorf("gdbstub answered %q to \"?\" and QEMU reports the VM %s", r, st)
+			}
+			return nil, fmt.Errorf("domain %s: %w", w.d.Name(), err)
 		}
-		return nil, fmt.Errorf("domain %s: %w", w.d.Name(), err)
 	}
 	return &gdbStopped{w: w, g: g, start: start}, nil
 }
+
+// settle waits for the previous session's check that the VM runs again
+// (see gdbStopped.Resume) and returns its error.
+func (w *gdbWriter) settle() error {
+	if w.pending == nil {
+		return nil
+	}
+	err := <-w.pending
+	w.pending = nil
+	return err
+}
+
+// Settle waits until the last session's resume is confirmed by QEMU (a
+// detach was once seen to leave a VM paused; the check runs after Resume
+// returns, and resumes the VM if needed). Stop does it first; a process
+// about to exit may call it so that its guard has nothing left to do.
+func (w *gdbWriter) Settle() error { return w.settle() }
 
 type gdbStopped struct {
 	w     *gdbWriter
@@ -282,16 +313,31 @@ func (s *gdbStopped) Resume() (FreezeReport, error) {
 		if derr := gdbDetach(s.g.path, 10); derr != nil {
 			return rep, fmt.Errorf("domain %s: gdbstub detach: %w; %v", s.w.d.Name(), err, derr)
 		}
-		rep.Window = time.Since(s.start)
-	}
-	if err == nil {
 		err = s.ensureRunning()
 		rep.Window = time.Since(s.start)
+		s.w.guard.set(false)
+		if err != nil {
+			return rep, fmt.Errorf("domain %s: gdbstub detach: %w", s.w.d.Name(), err)
+		}
+		return rep, nil
 	}
-	s.w.guard.set(false)
-	if err != nil {
-		return rep, fmt.Errorf("domain %s: gdbstub detach: %w", s.w.d.Name(), err)
-	}
+	// The detach answered OK: QEMU resumed the VM before answering. That
+	// it really runs is checked off the window, on a goroutine: the guard
+	// stays armed until the check is done (this process dying first, the
+	// guard detaches and resumes), and the writer's next Stop, or Settle,
+	// waits for it and reports its error.
+	done := make(chan error, 1)
+	s.w.pending = done
+	go func() {
+		err := s.ensureRunning()
+		if err == nil {
+			err = s.w.guard.set(false)
+		}
+		if err != nil {
+			err = fmt.Errorf("domain %s: after the gdbstub detach: %w", s.w.d.Name(), err)
+		}
+		done <- err
+	}()
 	return rep, nil
 }
 

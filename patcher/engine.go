@@ -109,7 +109,8 @@ func (pt *Patcher) begin(d Domain) (*DomainLock, *Journal, *Status, error) {
 // Apply plans the patch, then writes all its edits inside one freeze.
 // Nothing is written if planning fails; on any failure inside the freeze,
 // what was written is restored before the guest runs again.
-func (pt *Patcher) Apply(ctx context.Context, d Domain, p *Patch, opt ApplyOptions) (*Result, error) {
+func (pt *Patcher) Apply(ctx context.Context, d Domain, p *Patch, opt ApplyOptions) (_ *Result, retErr error) {
+	defer func() { retErr = settleWriters(d, retErr) }()
 	lock, j, st, err := pt.begin(d)
 	if err != nil {
 		return nil, err
@@ -311,7 +312,8 @@ func ids(jps []JournalPatch) []string {
 
 // Revert restores the original bytes of an applied patch, after checking
 // that the patched bytes are still there.
-func (pt *Patcher) Revert(ctx context.Context, d Domain, id string) (*Result, error) {
+func (pt *Patcher) Revert(ctx context.Context, d Domain, id string) (_ *Result, retErr error) {
+	defer func() { retErr = settleWriters(d, retErr) }()
 	lock, j, st, err := pt.begin(d)
 	if err != nil {
 		return nil, err
@@ -450,6 +452,20 @@ func reverseChunks(cs []Chunk) []Chunk {
 		out[i] = Chunk{VA: c.VA, GPA: c.GPA, Old: c.New, New: c.Old}
 	}
 	return out
+}
+
+// settleWriters waits for the checks a writer runs after its stop has
+// ended (the gdbstub writer confirms with QEMU, off the freeze window, that
+// the VM runs again) and adds their errors to err.
+func settleWriters(d Domain, err error) error {
+	for _, w := range []CodeWriter{d.Writer, d.RegisterWriter} {
+		if s, ok := w.(interface{ Settle() error }); ok {
+			if serr := s.Settle(); serr != nil {
+				err = errors.Join(err, serr)
+			}
+		}
+	}
+	return err
 }
 
 // writeUnderFreeze stops the guest, re-verifies every chunk, writes them
