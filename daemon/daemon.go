@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/hvpatch/hvpatch/hypervisor"
+	"github.com/hvpatch/hvpatch/introspect"
 	"github.com/hvpatch/hvpatch/patcher"
 	"github.com/hvpatch/hvpatch/patchsign"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -25,6 +26,9 @@ type Daemon struct {
 	conn    *hypervisor.Conn
 	pt      *patcher.Patcher
 	keyring patchsign.Keyring
+	// kernels shares symbol tables and BTF between guests of one kernel
+	// build.
+	kernels *introspect.BuildCache
 
 	// opCtx is never cancelled by shutdown: an operation that started
 	// finishes (a freeze is short), only new ones are not started.
@@ -43,7 +47,7 @@ type Daemon struct {
 
 // New prepares a daemon: keys, libvirt connection, state directory.
 func New(ctx context.Context, cfg *Config, log *slog.Logger) (*Daemon, error) {
-	d := &Daemon{cfg: cfg, log: log, metrics: NewMetrics(), domains: map[string]*domain{}, reported: map[string]string{},
+	d := &Daemon{cfg: cfg, log: log, metrics: NewMetrics(), domains: map[string]*domain{}, reported: map[string]string{}, kernels: &introspect.BuildCache{},
 		pt: &patcher.Patcher{State: patcher.StateDir{Dir: cfg.StateDir}}, opCtx: context.WithoutCancel(ctx)}
 	var keys []string
 	for _, k := range cfg.Signing.TrustedKeys {

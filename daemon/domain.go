@@ -193,7 +193,8 @@ func (dom *domain) ensureLive(ctx context.Context, forPatch bool) error {
 		if writer == "auto" {
 			writer = ""
 		}
-		live, err := patcher.OpenLive(ctx, dom.hv, writer)
+		t0 := time.Now()
+		live, err := patcher.OpenLiveCached(ctx, dom.hv, writer, dom.d.kernels)
 		if err != nil {
 			return fmt.Errorf("kernel not found (yet): %w", err)
 		}
@@ -204,6 +205,8 @@ func (dom *domain) ensureLive(ctx context.Context, forPatch bool) error {
 			return err
 		}
 		dom.live, dom.pid, dom.bootID, dom.running = live, pid, id, false
+		dom.d.log.Info("guest attached", "domain", dom.Name(), "release", live.Kernel.Release,
+			"attach", time.Since(t0).Round(time.Microsecond), "kernel_open", live.Kernel.AttachTime.Round(time.Microsecond))
 	}
 	if !dom.running {
 		dom.running = kernelRunning(dom.live.Kernel)

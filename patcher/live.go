@@ -96,6 +96,12 @@ type Live struct {
 // writer named writerKind (hypervisor.ParseWriter: auto, or "", picks from
 // the accelerator: gdbstub on TCG, direct+ptrace on KVM).
 func OpenLive(ctx context.Context, hv *hypervisor.Domain, writerKind string) (*Live, error) {
+	return OpenLiveCached(ctx, hv, writerKind, nil)
+}
+
+// OpenLiveCached is OpenLive with the kernel's symbols and BTF shared
+// through cache with other guests of the same build (nil: not shared).
+func OpenLiveCached(ctx context.Context, hv *hypervisor.Domain, writerKind string, cache *introspect.BuildCache) (*Live, error) {
 	mem, err := hv.OpenPhysMem(ctx, "")
 	if err != nil {
 		return nil, err
@@ -105,7 +111,7 @@ func OpenLive(ctx context.Context, hv *hypervisor.Domain, writerKind string) (*L
 		mem.Close()
 		return nil, err
 	}
-	k, err := introspect.Open(ctx, mem, cpus)
+	k, err := introspect.OpenCached(ctx, mem, cpus, cache)
 	if err != nil {
 		mem.Close()
 		return nil, fmt.Errorf("domain %s: %w", hv.Name(), err)
