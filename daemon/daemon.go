@@ -49,6 +49,9 @@ type Daemon struct {
 func New(ctx context.Context, cfg *Config, log *slog.Logger) (*Daemon, error) {
 	d := &Daemon{cfg: cfg, log: log, metrics: NewMetrics(), domains: map[string]*domain{}, reported: map[string]string{}, kernels: &introspect.BuildCache{},
 		pt: &patcher.Patcher{State: patcher.StateDir{Dir: cfg.StateDir}}, opCtx: context.WithoutCancel(ctx)}
+	if os.Getenv("HVPATCHD_SHARE_KERNELS") == "0" {
+		d.kernels = nil // every guest decodes its own kernel: the benchmark's baseline
+	}
 	var keys []string
 	for _, k := range cfg.Signing.TrustedKeys {
 		if _, err := os.Stat(k); err == nil {

@@ -85,6 +85,17 @@ type Target struct {
 	What   string `json:"what"`
 	Met    bool   `json:"met"`
 	Detail string `json:"detail"`
+	// VsBaseline is the measured value against its baseline measured in
+	// the same run (e.g. "58× shorter than libvirt suspend/resume").
+	VsBaseline string `json:"vs_baseline,omitempty"`
+}
+
+// Table is a table of values that are not durations (memory, CPU use).
+type Table struct {
+	Name    string     `json:"name"`
+	About   string     `json:"about"`
+	Columns []string   `json:"columns"`
+	Rows    [][]string `json:"rows"`
 }
 
 // Report is the whole document.
@@ -96,6 +107,7 @@ type Report struct {
 	Notes   []string          `json:"notes"`
 	Topics  []*Topic          `json:"topics"`
 	Targets []Target          `json:"targets"`
+	Tables  []*Table          `json:"tables,omitempty"`
 }
 
 // Topic returns the named topic, creating it.
@@ -160,13 +172,17 @@ func (r *Report) WriteMarkdown(w io.Writer) error {
 		b.WriteString("\n" + n + "\n")
 	}
 	if len(r.Targets) > 0 {
-		b.WriteString("\n## Targets\n\n| target | met | measured |\n|---|---|---|\n")
+		b.WriteString("\n## Targets\n\n| target | met | measured | vs baseline (same run) |\n|---|---|---|---|\n")
 		for _, t := range r.Targets {
 			met := "no"
 			if t.Met {
 				met = "yes"
 			}
-			fmt.Fprintf(&b, "| %s | %s | %s |\n", t.What, met, t.Detail)
+			vs := t.VsBaseline
+			if vs == "" {
+				vs = "—"
+			}
+			fmt.Fprintf(&b, "| %s | %s | %s | %s |\n", t.What, met, t.Detail, vs)
 		}
 	}
 	for _, t := range r.Topics {
@@ -190,6 +206,12 @@ func (r *Report) WriteMarkdown(w io.Writer) error {
 			}
 			fmt.Fprintf(&b, "| %s | %d | %s | %s | %s | %s |\n", name, row.Stats.N,
 				FormatDuration(row.Stats.Median), FormatDuration(row.Stats.P99), FormatDuration(row.Stats.Min), ratio)
+		}
+	}
+	for _, t := range r.Tables {
+		fmt.Fprintf(&b, "\n## %s\n\n%s\n\n| %s |\n|%s\n", t.Name, t.About, strings.Join(t.Columns, " | "), strings.Repeat("---|", len(t.Columns)))
+		for _, row := range t.Rows {
+			fmt.Fprintf(&b, "| %s |\n", strings.Join(row, " | "))
 		}
 	}
 	_, err := io.WriteString(w, b.String())
