@@ -31,6 +31,10 @@ type BuildCache struct {
 
 	mu      sync.Mutex
 	entries []*buildEntry // most recently used first
+	// load is held while a kernel is opened in full, so that guests
+	// attached at once (a daemon starting beside many guests of one
+	// build) decode the build once: the others wait, then hit.
+	load sync.Mutex
 
 	hits, misses atomic.Int64
 }
@@ -69,20 +73,13 @@ func OpenCached(ctx context.Context, mem hypervisor.PhysMem, cpus []hypervisor.C
 		return Open(ctx, mem, cpus)
 	}
 	t0 := time.Now()
-	if len(cpus) > 0 {
-		k := &Kernel{Mem: newBudgetMem(mem, "attach", DefaultAttachBudget), fields: map[string]Field{}}
-		if _, err := k.locate(cpus); err == nil {
-			k.Timings.Locate = time.Since(t0)
-			if e := c.match(k); e != nil {
-				k.Mem = mem
-				k.AS = NewAddressSpace(mem, k.CR3, k.LA57)
-				if err := e.fill(k); err == nil {
-					c.hits.Add(1)
-					k.AttachTime = time.Since(t0)
-					return k, nil
-				}
-			}
-		}
+	if k := c.lookup(mem, cpus, t0); k != nil {
+		return k, nil
+	}
+	c.load.Lock()
+	defer c.load.Unlock()
+	if k := c.lookup(mem, cpus, t0); k != nil { // opened meanwhile by another
+		return k, nil
 	}
 	c.misses.Add(1)
 	k, err := Open(ctx, mem, cpus)
@@ -91,6 +88,30 @@ func OpenCached(ctx context.Context, mem hypervisor.PhysMem, cpus []hypervisor.C
 	}
 	c.add(k)
 	return k, nil
+}
+
+// lookup opens the kernel from a cached build, or returns nil.
+func (c *BuildCache) lookup(mem hypervisor.PhysMem, cpus []hypervisor.CPUState, t0 time.Time) *Kernel {
+	if len(cpus) == 0 {
+		return nil
+	}
+	k := &Kernel{Mem: newBudgetMem(mem, "attach", DefaultAttachBudget), fields: map[string]Field{}}
+	if _, err := k.locate(cpus); err != nil {
+		return nil
+	}
+	k.Timings.Locate = time.Since(t0)
+	e := c.match(k)
+	if e == nil {
+		return nil
+	}
+	k.Mem = mem
+	k.AS = NewAddressSpace(mem, k.CR3, k.LA57)
+	if e.fill(k) != nil {
+		return nil
+	}
+	c.hits.Add(1)
+	k.AttachTime = time.Since(t0)
+	return k
 }
 
 // match finds the cached build whose notes, read at their offset from this
