@@ -475,7 +475,7 @@ func buildTimes(t *testing.T, ctx context.Context, r *benchreport.Report, g *gue
 	if err != nil {
 		t.Fatal(err)
 	}
-	gk := fixbuild.Guest{Banner: k.Banner, Release: k.Release, Symbols: k.Symbols, Read: k.AS.ReadVirt}
+	gk := fixbuild.Guest{Banner: k.Banner, Release: k.Release, Symbols: k.Symbols, Read: k.AS.ReadVirt, ModuleSymbols: k.ModuleSymbols}
 	if gk.BuildID, err = patcher.BuildID(patcher.KernelTarget{K: k}); err != nil {
 		t.Fatal(err)
 	}

@@ -46,6 +46,9 @@ type Guest struct {
 	BuildID string // GNU build id, hex ("" if the kernel has none)
 	Symbols *symbols.Table
 	Read    func(addr uint64, b []byte) error
+	// ModuleSymbols lists the loaded modules' symbols, for fixes in module
+	// code (nil: only the kernel image is searched).
+	ModuleSymbols func() ([]symbols.Symbol, error)
 }
 
 // Lookup and ReadVirt make Guest an objdiff.Guest.
@@ -75,7 +78,8 @@ type Step struct {
 type Function struct {
 	Name   string `json:"name"`
 	File   string `json:"file"`
-	Kind   string `json:"kind"` // "changed" or "new"
+	Module string `json:"module,omitempty"` // the loaded module holding it; "" for the kernel image
+	Kind   string `json:"kind"`             // "changed" or "new"
 	Sympos int    `json:"sympos,omitempty"`
 	Addr   uint64 `json:"guest_addr,omitempty"`
 }
@@ -245,6 +249,7 @@ func Build(ctx context.Context, g Guest, diff []byte, opt Options) (*Result, err
 type editLine struct {
 	function string
 	sympos   int
+	module   string
 	object   string
 }
 
@@ -273,13 +278,19 @@ func buildFile(ctx context.Context, tree *ksource.Tree, g Guest, rel string, fix
 		return nil, nil, err
 	}
 	var match *objdiff.Match
+	var view objdiff.Guest
+	var module string
 	if err := step("verify "+rel, func() (string, error) {
 		var err error
-		match, err = objdiff.Verify(normal, g)
+		view, module, match, err = verifyWhere(normal, g)
 		if err != nil {
 			return "", &RefusedError{File: rel, Reason: fmt.Errorf("the compiled source is not the guest's code: %w", err)}
 		}
-		return fmt.Sprintf("%d functions equal the guest's bytes, %d not compared", match.Verified, len(match.Skipped)), nil
+		where := "the kernel image"
+		if module != "" {
+			where = "module " + module
+		}
+		return fmt.Sprintf("%d functions equal the guest's bytes in %s, %d not compared", match.Verified, where, len(match.Skipped)), nil
 	}); err != nil {
 		return nil, nil, err
 	}
@@ -320,7 +331,7 @@ func buildFile(ctx context.Context, tree *ksource.Tree, g Guest, rel string, fix
 	var ex *objdiff.Extracted
 	if err := step("extract "+rel, func() (string, error) {
 		var err error
-		ex, err = objdiff.Extract(objdiff.Inputs{Before: before, After: after, Change: change, Match: match, Guest: g})
+		ex, err = objdiff.Extract(objdiff.Inputs{Before: before, After: after, Change: change, Match: match, Guest: view})
 		if err != nil {
 			var r *objdiff.Refusal
 			if errors.As(err, &r) {
@@ -337,11 +348,11 @@ func buildFile(ctx context.Context, tree *ksource.Tree, g Guest, rel string, fix
 	}
 	var edits []editLine
 	for _, r := range ex.Replaces {
-		res.Functions = append(res.Functions, Function{Name: r.Function, File: rel, Kind: "changed", Sympos: r.Sympos, Addr: r.Addr})
-		edits = append(edits, editLine{function: r.Function, sympos: r.Sympos})
+		res.Functions = append(res.Functions, Function{Name: r.Function, File: rel, Module: module, Kind: "changed", Sympos: r.Sympos, Addr: r.Addr})
+		edits = append(edits, editLine{function: r.Function, sympos: r.Sympos, module: module})
 	}
 	for _, n := range change.New {
-		res.Functions = append(res.Functions, Function{Name: n, File: rel, Kind: "new"})
+		res.Functions = append(res.Functions, Function{Name: n, File: rel, Module: module, Kind: "new"})
 	}
 	return edits, ex.Object, nil
 }
@@ -407,6 +418,9 @@ func patchText(id, desc string, g Guest, objects map[string]string, edits []edit
 	b.WriteString("edits:\n")
 	for _, e := range edits {
 		fmt.Fprintf(&b, "  - {kind: replace, function: %s", e.function)
+		if e.module != "" {
+			fmt.Fprintf(&b, ", module: %s", e.module)
+		}
 		if e.sympos > 0 {
 			fmt.Fprintf(&b, ", sympos: %d", e.sympos)
 		}

@@ -37,7 +37,7 @@ func startFix(t *testing.T, k testguest.Kernel) *liveFix {
 	}
 	t.Cleanup(func() { live.Close() })
 	k2 := live.Kernel
-	gk := Guest{Banner: k2.Banner, Release: k2.Release, Symbols: k2.Symbols, Read: k2.AS.ReadVirt}
+	gk := Guest{Banner: k2.Banner, Release: k2.Release, Symbols: k2.Symbols, Read: k2.AS.ReadVirt, ModuleSymbols: k2.ModuleSymbols}
 	if gk.BuildID, err = patcher.BuildID(patcher.KernelTarget{K: k2}); err != nil {
 		t.Fatal(err)
 	}
@@ -337,5 +337,56 @@ func TestGuestBuildRefusals(t *testing.T) {
 	}
 	if after := lf.memHash(t); after != before {
 		t.Fatal("guest kernel text or first MiB changed during refused builds")
+	}
+}
+
+// TestGuestBuildModule builds a fix in module code (drivers/net/dummy.c,
+// loaded as dummy.ko): the build finds the module from the guest's own
+// module symbol tables, and the bundle replaces the module's function.
+func TestGuestBuildModule(t *testing.T) {
+	testguest.Need(t)
+	k, err := testguest.KernelSeries("6.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lf := startFix(t, k)
+	if err := lf.g.LoadModule("dummy"); err != nil {
+		t.Fatal(err)
+	}
+	carrier := "echo 0 > /sys/class/net/dummy0/carrier 2>/dev/null && echo down || echo refused; echo 1 > /sys/class/net/dummy0/carrier"
+	if got := strings.TrimSpace(lf.g.MustRun(carrier)); got != "down" {
+		t.Fatalf("before the patch: %q, want down", got)
+	}
+	res, err := lf.build(t, "testdata/dummy-carrier.diff")
+	if err != nil {
+		t.Fatal(err)
+	}
+	logSteps(t, res)
+	if len(res.Functions) != 1 || res.Functions[0].Name != "dummy_change_carrier" || res.Functions[0].Module != "dummy" {
+		t.Fatalf("functions %+v, want dummy_change_carrier in module dummy", res.Functions)
+	}
+	text, err := os.ReadFile(res.PatchFile)
+	if err != nil || !strings.Contains(string(text), "module: dummy") {
+		t.Fatalf("patch file lacks module: dummy (%v):\n%s", err, text)
+	}
+	p, err := patcher.LoadPatch(res.PatchFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if _, err := lf.pt.Apply(ctx, lf.live.Domain, p, patcher.ApplyOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.TrimSpace(lf.g.MustRun(carrier)); got != "refused" {
+		t.Fatalf("with the patch: %q, want refused", got)
+	}
+	if _, err := lf.pt.Revert(ctx, lf.live.Domain, p.ID); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.TrimSpace(lf.g.MustRun(carrier)); got != "down" {
+		t.Fatalf("after revert: %q, want down", got)
+	}
+	if err := lf.g.ConsoleError(); err != nil {
+		t.Fatal(err)
 	}
 }

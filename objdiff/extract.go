@@ -267,7 +267,7 @@ func (x *extractor) guestName(sym *kobj.Symbol) (string, error) {
 func globalSymbols(syms []symbols.Symbol) []symbols.Symbol {
 	var out []symbols.Symbol
 	for _, s := range syms {
-		if s.Module == "" && s.Type >= 'A' && s.Type <= 'Z' {
+		if s.Type >= 'A' && s.Type <= 'Z' {
 			out = append(out, s)
 		}
 	}

@@ -3,6 +3,7 @@ package objdiff
 import (
 	"debug/elf"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"maps"
 	"sort"
@@ -14,7 +15,10 @@ import (
 
 // Guest is what Verify reads of a running (or dumped) kernel.
 type Guest interface {
-	// Lookup lists the kallsyms entries called name, in address order.
+	// Lookup lists the kallsyms entries called name, in address order: the
+	// kernel image's, or for a module's object the module's own entries
+	// when it has that name and the image's otherwise (the order the
+	// linker resolves names in at apply time).
 	Lookup(name string) []symbols.Symbol
 	ReadVirt(addr uint64, b []byte) error
 }
@@ -53,6 +57,10 @@ type Match struct {
 	symbols  map[string]uint64
 	obj      *kobj.File
 }
+
+// ErrNotInGuest says no function of the object is in the symbols the Guest
+// view has (its code is elsewhere: a module, or not built into this kernel).
+var ErrNotInGuest = errors.New("no function of the object could be compared with the guest's code")
 
 // MismatchError says the object is not the guest's code.
 type MismatchError struct {
@@ -156,16 +164,17 @@ func Verify(obj *kobj.File, g Guest) (*Match, error) {
 		delete(m.symbols, k)
 	}
 	if m.Verified == 0 {
-		return nil, fmt.Errorf("no function of the object could be compared with the guest (%s)", strings.Join(m.Skipped, "; "))
+		return nil, fmt.Errorf("%w: %s", ErrNotInGuest, strings.Join(m.Skipped, "; "))
 	}
 	return m, nil
 }
 
-// textSymbols keeps the kernel-image code symbols.
+// textSymbols keeps the code symbols (of whatever scope the Guest view
+// gives: the kernel image, or one module and the image).
 func textSymbols(syms []symbols.Symbol) []symbols.Symbol {
 	var out []symbols.Symbol
 	for _, s := range syms {
-		if s.Module == "" && symbols.IsText(s.Type) {
+		if symbols.IsText(s.Type) {
 			out = append(out, s)
 		}
 	}

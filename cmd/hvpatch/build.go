@@ -58,7 +58,7 @@ fentry site, and a source tree that is not the guest's build.`,
 			if err != nil {
 				return err
 			}
-			g := fixbuild.Guest{Banner: k.Banner, Release: k.Release, Symbols: k.Symbols, Read: k.AS.ReadVirt}
+			g := fixbuild.Guest{Banner: k.Banner, Release: k.Release, Symbols: k.Symbols, Read: k.AS.ReadVirt, ModuleSymbols: k.ModuleSymbols}
 			g.BuildID, err = patcher.BuildID(patcher.KernelTarget{K: k})
 			if err != nil {
 				closeFn()
