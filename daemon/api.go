@@ -11,6 +11,7 @@ import (
 	"sort"
 	"strconv"
 
+	"github.com/hvpatch/hvpatch/docs"
 	"github.com/hvpatch/hvpatch/introspect"
 	"github.com/hvpatch/hvpatch/patcher"
 	"github.com/hvpatch/hvpatch/service"
@@ -61,8 +62,13 @@ type PatchFile struct {
 //	POST /v1/domains/{domain}/apply   (ApplyRequest: patch file, signature, objects)
 //	POST /v1/domains/{domain}/revert  (RevertRequest)
 //	GET  /metrics
+//	GET  /openapi.json  (docs/openapi.json: this API in OpenAPI 3)
 func (d *Daemon) Handler() http.Handler {
 	mux := http.NewServeMux()
+	mux.HandleFunc("GET /openapi.json", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(docs.OpenAPI)
+	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(d.metrics.Registry, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET "+APIVersion+"/health", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, Health{PID: os.Getpid(), RequireSigned: d.cfg.Signing.RequireSigned, PatchDir: d.cfg.PatchDir}, nil)
