@@ -73,6 +73,66 @@ bench: guest build
 clean:
 	rm -rf $(BIN) examples/replace/build
 
+# `make install [PREFIX=/usr/local] [DESTDIR=staging]`: the binaries, the
+# systemd unit (paths rewritten for PREFIX), the default configuration
+# (never over an existing one), bash/zsh/fish completions and man pages
+# generated from the commands, the docs. `make uninstall` removes all but
+# the configuration.
+PREFIX      ?= /usr/local
+BINDIR      ?= $(PREFIX)/bin
+SYSCONFDIR  ?= /etc
+UNITDIR     ?= $(PREFIX)/lib/systemd/system
+MANDIR      ?= $(PREFIX)/share/man
+DOCDIR      ?= $(PREFIX)/share/doc/hvpatch
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+ZSHCOMPDIR  ?= $(PREFIX)/share/zsh/site-functions
+FISHCOMPDIR ?= $(PREFIX)/share/fish/vendor_completions.d
+INSTALL     ?= install
+GEN         := $(BIN)/gen
+# Man page dates from the last commit, so that the pages are reproducible.
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || date +%s)
+
+.PHONY: install uninstall gen-docs
+gen-docs:
+	$(GO) build -o $(BIN)/ ./cmd/hvpatch ./cmd/hvpatchd
+	rm -rf $(GEN) && mkdir -p $(GEN)/man $(GEN)/completions
+	env -u HVPATCH_DAEMON_SOCKET SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(BIN)/hvpatch gendocs --man $(GEN)/man
+	env SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(BIN)/hvpatchd --gen-man $(GEN)/man
+	$(BIN)/hvpatch completion bash > $(GEN)/completions/hvpatch.bash
+	$(BIN)/hvpatch completion zsh > $(GEN)/completions/_hvpatch
+	$(BIN)/hvpatch completion fish > $(GEN)/completions/hvpatch.fish
+	sed -e 's|/usr/local/bin/hvpatchd|$(BINDIR)/hvpatchd|' \
+		-e 's|/etc/hvpatch/|$(SYSCONFDIR)/hvpatch/|g' \
+		-e 's|file:///usr/share/doc/hvpatch/|file://$(DOCDIR)/|' \
+		configs/hvpatchd.service > $(GEN)/hvpatchd.service
+
+install: gen-docs
+	$(INSTALL) -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man8 \
+		$(DESTDIR)$(BASHCOMPDIR) $(DESTDIR)$(ZSHCOMPDIR) $(DESTDIR)$(FISHCOMPDIR) \
+		$(DESTDIR)$(DOCDIR)/patches $(DESTDIR)$(DOCDIR)/examples/python $(DESTDIR)$(SYSCONFDIR)/hvpatch/patches
+	$(INSTALL) -m 0755 $(BIN)/hvpatch $(BIN)/hvpatchd $(DESTDIR)$(BINDIR)/
+	$(INSTALL) -m 0644 $(GEN)/hvpatchd.service $(DESTDIR)$(UNITDIR)/hvpatchd.service
+	@if [ -e $(DESTDIR)$(SYSCONFDIR)/hvpatch/hvpatchd.yaml ]; then \
+		echo "keeping $(DESTDIR)$(SYSCONFDIR)/hvpatch/hvpatchd.yaml (the defaults are in $(DOCDIR)/hvpatchd.yaml)"; \
+	else \
+		echo "$(INSTALL) -m 0644 configs/hvpatchd.yaml $(DESTDIR)$(SYSCONFDIR)/hvpatch/hvpatchd.yaml"; \
+		$(INSTALL) -m 0644 configs/hvpatchd.yaml $(DESTDIR)$(SYSCONFDIR)/hvpatch/hvpatchd.yaml; \
+	fi
+	$(INSTALL) -m 0644 $(GEN)/man/*.1 $(DESTDIR)$(MANDIR)/man1/
+	$(INSTALL) -m 0644 $(GEN)/man/*.8 $(DESTDIR)$(MANDIR)/man8/
+	$(INSTALL) -m 0644 $(GEN)/completions/hvpatch.bash $(DESTDIR)$(BASHCOMPDIR)/hvpatch
+	$(INSTALL) -m 0644 $(GEN)/completions/_hvpatch $(DESTDIR)$(ZSHCOMPDIR)/_hvpatch
+	$(INSTALL) -m 0644 $(GEN)/completions/hvpatch.fish $(DESTDIR)$(FISHCOMPDIR)/hvpatch.fish
+	$(INSTALL) -m 0644 README.md configs/hvpatchd.yaml docs/*.md docs/openapi.json $(DESTDIR)$(DOCDIR)/
+	$(INSTALL) -m 0644 configs/patches/* $(DESTDIR)$(DOCDIR)/patches/
+	$(INSTALL) -m 0644 examples/python/hvpatch_api.py $(DESTDIR)$(DOCDIR)/examples/python/
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/hvpatch $(DESTDIR)$(BINDIR)/hvpatchd $(DESTDIR)$(UNITDIR)/hvpatchd.service \
+		$(DESTDIR)$(MANDIR)/man1/hvpatch.1 $(DESTDIR)$(MANDIR)/man1/hvpatch-*.1 $(DESTDIR)$(MANDIR)/man8/hvpatchd.8 \
+		$(DESTDIR)$(BASHCOMPDIR)/hvpatch $(DESTDIR)$(ZSHCOMPDIR)/_hvpatch $(DESTDIR)$(FISHCOMPDIR)/hvpatch.fish
+	rm -rf $(DESTDIR)$(DOCDIR)
+
 # Replacement-function objects (docs/function-replacement.md):
 # `make replace-example [REPLACE_KCONFIG=guest-config]`.
 include examples/replace/Makefile

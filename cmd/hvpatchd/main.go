@@ -49,8 +49,10 @@ func parseArgs(args []string, stderr io.Writer) (*daemon.Config, int) {
 	fs.SetOutput(stderr)
 	daemon.Flags(fs)
 	version := fs.Bool("version", false, "print the version (module version and VCS revision) and exit")
+	manDir := fs.String("gen-man", "", "write the man page hvpatchd.8 into this directory and exit (make install)")
+	fs.MarkHidden("gen-man")
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "Usage: hvpatchd [flags]\n\nKeeps the patches of the patch directory applied to the guests they select,\nand serves hvpatch's API. Flags override HVPATCHD_* environment variables,\nwhich override the configuration file.\n\n%s", fs.FlagUsages())
+		fmt.Fprintf(stderr, "Usage: hvpatchd [flags]\n\n%s\n\n%s", description, fs.FlagUsages())
 	}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
@@ -61,6 +63,13 @@ func parseArgs(args []string, stderr io.Writer) (*daemon.Config, int) {
 	}
 	if *version {
 		fmt.Fprintln(stdout, "hvpatchd", buildinfo.Read().String())
+		return nil, 0
+	}
+	if *manDir != "" {
+		if err := writeMan(fs, *manDir); err != nil {
+			fmt.Fprintln(stderr, "hvpatchd:", err)
+			return nil, 1
+		}
 		return nil, 0
 	}
 	if fs.NArg() > 0 {
