@@ -57,6 +57,14 @@ type Config struct {
 		Format string `mapstructure:"format"`
 		Level  string `mapstructure:"level"`
 	} `mapstructure:"log"`
+	// Kubernetes is the node-agent mode (daemon/kube.go, docs/fleet.md).
+	Kubernetes struct {
+		Enabled    bool          `mapstructure:"enabled"`
+		Node       string        `mapstructure:"node"`
+		Kubeconfig string        `mapstructure:"kubeconfig"`
+		Domains    []string      `mapstructure:"domains"`
+		Resync     time.Duration `mapstructure:"resync"`
+	} `mapstructure:"kubernetes"`
 }
 
 // DefaultConfigFile is where hvpatchd looks when --config is not given.
@@ -81,6 +89,11 @@ func setDefaults(v *viper.Viper) {
 	v.SetDefault("reconcile.max_backoff", 10*time.Minute)
 	v.SetDefault("log.format", "text")
 	v.SetDefault("log.level", "info")
+	v.SetDefault("kubernetes.enabled", false)
+	v.SetDefault("kubernetes.node", "")
+	v.SetDefault("kubernetes.kubeconfig", "")
+	v.SetDefault("kubernetes.domains", []string{})
+	v.SetDefault("kubernetes.resync", 5*time.Minute)
 }
 
 // Flags declares the command-line overrides; LoadConfig reads them.
@@ -94,12 +107,16 @@ func Flags(fs *pflag.FlagSet) {
 	fs.String("log-format", "", "text or json")
 	fs.String("log-level", "", "debug, info, warn, error")
 	fs.Bool("require-signed", false, "refuse patches without a valid signature")
+	fs.Bool("kubernetes", false, "run as the fleet's node agent: apply the HotPatch objects released to this node")
+	fs.String("node-name", "", "Kubernetes node name of this host (--kubernetes)")
+	fs.String("kubeconfig", "", "kubeconfig file (--kubernetes; empty: in-cluster)")
 }
 
 var flagKeys = map[string]string{
 	"state-dir": "state_dir", "patch-dir": "patch_dir", "api-socket": "api.socket",
 	"metrics-addr": "metrics.addr", "writer": "writer", "log-format": "log.format",
 	"log-level": "log.level", "require-signed": "signing.require_signed",
+	"kubernetes": "kubernetes.enabled", "node-name": "kubernetes.node", "kubeconfig": "kubernetes.kubeconfig",
 }
 
 // LoadConfig merges defaults, the file, the environment and the flags that
@@ -208,6 +225,12 @@ func (c *Config) Validate() error {
 	}
 	if c.Reconcile.MaxBackoff < c.Reconcile.Interval {
 		return fmt.Errorf("reconcile.max_backoff %v: want at least reconcile.interval (%v)", c.Reconcile.MaxBackoff, c.Reconcile.Interval)
+	}
+	if c.Kubernetes.Enabled && c.Kubernetes.Node == "" {
+		return fmt.Errorf("kubernetes.enabled needs kubernetes.node (--node-name, or HVPATCHD_KUBERNETES_NODE from the pod's spec.nodeName)")
+	}
+	if c.Kubernetes.Enabled && c.Kubernetes.Resync < minInterval {
+		return fmt.Errorf("kubernetes.resync %v: want at least %v", c.Kubernetes.Resync, minInterval)
 	}
 	if c.Libvirt.Timeout < minLibvirtTimeout {
 		return fmt.Errorf("libvirt.timeout %v: want at least %v", c.Libvirt.Timeout, minLibvirtTimeout)

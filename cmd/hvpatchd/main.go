@@ -32,6 +32,14 @@ func main() {
 		log.Error("starting", "err", err)
 		os.Exit(1)
 	}
+	if cfg.Kubernetes.Enabled {
+		agent, err := daemon.NewKubeAgent(d, log)
+		if err != nil {
+			log.Error("starting the kubernetes node agent", "err", err)
+			os.Exit(1)
+		}
+		go agent.Run(ctx)
+	}
 	if err := d.Run(ctx); err != nil {
 		log.Error("serving", "err", err)
 		os.Exit(1)
