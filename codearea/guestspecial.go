@@ -72,17 +72,27 @@ func readCapabilities(k *introspect.Kernel) ([]byte, error) {
 // the guest's kallsyms address order: a static function or variable whose
 // name several files use. ok is false for any other spelling.
 func resolveNth(k *introspect.Kernel, name string) (addr uint64, ok bool) {
-	i := strings.LastIndexByte(name, ',')
-	if i <= 0 {
+	base, n := splitNth(name)
+	if n == 0 {
 		return 0, false
 	}
-	n, err := strconv.Atoi(name[i+1:])
-	if err != nil || n < 1 || name[i+1] == '+' {
-		return 0, false
-	}
-	syms := k.Symbols.Lookup(name[:i])
+	syms := k.Symbols.Lookup(base)
 	if n > len(syms) {
 		return 0, false
 	}
 	return syms[n-1].Addr, true
+}
+
+// splitNth splits "NAME,N" (N ≥ 1) into NAME and N; any other spelling
+// is the whole name and 0.
+func splitNth(name string) (string, int) {
+	i := strings.LastIndexByte(name, ',')
+	if i <= 0 || i+1 >= len(name) || name[i+1] == '+' {
+		return name, 0
+	}
+	n, err := strconv.Atoi(name[i+1:])
+	if err != nil || n < 1 {
+		return name, 0
+	}
+	return name[:i], n
 }

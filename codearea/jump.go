@@ -112,9 +112,96 @@ func LinkFor(k *introspect.Kernel, fn string) (linker.Options, linker.Resolver, 
 // LinkForSymbol is LinkFor for one given symbol (one of several static
 // functions of the same name).
 func LinkForSymbol(k *introspect.Kernel, sym symbols.Symbol) (linker.Options, linker.Resolver, error) {
+	size := k.Symbols.FunctionSize(sym)
+	return linkFor(k, sym, size, func(name string) (uint64, bool) {
+		if a, ok := resolveNth(k, name); ok {
+			return a, true
+		}
+		a, err := k.Symbols.Addr(name)
+		return a, err == nil
+	})
+}
+
+// LinkForModuleSymbol is LinkForSymbol for a function of a loaded module.
+// mods is every loaded module's symbols (introspect.Kernel.ModuleSymbols)
+// and module the name of the one sym is in. The function's size and
+// return style come from that module's own symbol table, and the resolver
+// looks a name up there first:
+//   - a name the module defines (its static functions and variables
+//     included) is the module's: "NAME" when the module has one address
+//     for it, "NAME,N" the N-th symbol called NAME in the module's table
+//     in address order (N from 1), never another module's or the kernel's;
+//   - any other name is the kernel image's (as LinkForSymbol resolves it,
+//     "NAME,N" included), then a symbol another loaded module exports
+//     (upper-case type) when exactly one address has that name.
+func LinkForModuleSymbol(k *introspect.Kernel, mods []symbols.Symbol, module string, sym symbols.Symbol) (linker.Options, linker.Resolver, error) {
+	var ownSyms []symbols.Symbol
+	exported := map[string][]uint64{}
+	for _, s := range mods {
+		switch {
+		case s.Module == module:
+			ownSyms = append(ownSyms, s)
+		case s.Type >= 'A' && s.Type <= 'Z':
+			if l := exported[s.Name]; len(l) == 0 || l[len(l)-1] != s.Addr {
+				exported[s.Name] = append(l, s.Addr)
+			}
+		}
+	}
+	own := symbols.NewTable(ownSyms)
+	found := own.Lookup(sym.Name)
+	in := false
+	for _, s := range found {
+		in = in || s.Addr == sym.Addr
+	}
+	if !in {
+		return linker.Options{}, nil, fmt.Errorf("codearea: %s at %#x is not a symbol of module %s", sym.Name, sym.Addr, module)
+	}
+	size := own.FunctionSize(sym)
+	if size == 0 {
+		// The module's last function: up to its next symbol of any kind,
+		// else the rest of its page (the scan needs only the first ret).
+		size = pageSize - sym.Addr%pageSize
+		if size < 64 {
+			size += pageSize
+		}
+		for _, s := range own.All() {
+			if s.Addr > sym.Addr {
+				size = s.Addr - sym.Addr
+				break
+			}
+		}
+	}
+	return linkFor(k, sym, size, func(name string) (uint64, bool) {
+		base, n := splitNth(name)
+		if l := own.Lookup(base); len(l) > 0 {
+			if n > 0 {
+				if n > len(l) {
+					return 0, false
+				}
+				return l[n-1].Addr, true
+			}
+			a, err := own.Addr(base)
+			return a, err == nil
+		}
+		if a, ok := resolveNth(k, name); ok {
+			return a, true
+		}
+		if a, err := k.Symbols.Addr(name); err == nil {
+			return a, true
+		}
+		if l := exported[name]; len(l) == 1 {
+			return l[0], true
+		}
+		return 0, false
+	})
+}
+
+// linkFor builds the options for code standing in for sym (size bytes
+// long): its return style, the guest state, and lookup after the return
+// thunk.
+func linkFor(k *introspect.Kernel, sym symbols.Symbol, size uint64, lookup func(string) (uint64, bool)) (linker.Options, linker.Resolver, error) {
 	var opt linker.Options
 	fn, addr := sym.Name, sym.Addr
-	size := k.Symbols.FunctionSize(sym)
 	if size == 0 || size > 1<<16 {
 		return opt, nil, fmt.Errorf("codearea: %s: function size %d is not usable", fn, size)
 	}
@@ -150,11 +237,7 @@ func LinkForSymbol(k *introspect.Kernel, sym symbols.Symbol) (linker.Options, li
 		if name == linker.ReturnThunk {
 			return thunk, thunk != 0
 		}
-		if a, ok := resolveNth(k, name); ok {
-			return a, true
-		}
-		a, err := k.Symbols.Addr(name)
-		return a, err == nil
+		return lookup(name)
 	}
 	opt.Resolve, opt.ReadGuest = resolve, k.AS.ReadVirt
 	return opt, resolve, nil

@@ -33,7 +33,16 @@ const (
 	stateApplied = "applied"
 	stateRefused = "refused" // cannot change until the file or the boot does
 	stateFailing = "failing" // retried with backoff
+	// stateWaiting: the patch is for a module the guest has not loaded
+	// (reason "waiting for module NAME"); applied when it appears.
+	stateWaiting = "waiting"
 )
+
+// modulePoll is how often a domain with declared patches on modules reads
+// the guest's module signal (introspect.Kernel.ModuleSignal: 24 bytes of
+// guest memory) to notice a module load or unload without waiting for the
+// reconcile interval.
+var modulePoll = 100 * time.Millisecond
 
 // patchState is what the daemon knows of one declared patch on one domain.
 type patchState struct {
@@ -75,6 +84,15 @@ type domain struct {
 	kernelUp time.Time
 	patches  map[string]*patchState // by file
 	panics   int                    // consecutive panics caught, for the backoff
+
+	// watchModules is set while a declared patch names a module: the
+	// worker then polls the module signal every modulePoll.
+	watchModules atomic.Bool
+	// modSig is the module signal last read (haveSig: since the kernel
+	// was attached); modChanged when the poll saw it change last.
+	modSig     introspect.ModuleSignal
+	haveSig    bool
+	modChanged time.Time
 }
 
 func newDomain(d *Daemon, name, uuid string) *domain {
@@ -108,12 +126,18 @@ func (dom *domain) stop() { dom.stopOnce.Do(func() { close(dom.quit) }) }
 func (dom *domain) run() {
 	timer := time.NewTimer(0)
 	defer timer.Stop()
+	poll := time.NewTicker(modulePoll)
+	defer poll.Stop()
 	for {
 		select {
 		case <-dom.quit:
 			return
 		case <-dom.kickc:
 		case <-timer.C:
+		case <-poll.C:
+			if !dom.watchModules.Load() || !dom.safePollModules() {
+				continue
+			}
 		}
 		next := dom.safePass(dom.force.Swap(false))
 		timer.Stop()
@@ -137,6 +161,45 @@ func (dom *domain) dropLive() {
 		dom.live.Close()
 	}
 	dom.live, dom.running, dom.bootID, dom.pid = nil, false, "", 0
+	dom.haveSig = false
+}
+
+// safePollModules reads the guest's module signal and reports whether it
+// changed since the last read (a module may have gone live or away): the
+// caller runs a pass then. It never waits for an operation in progress
+// (that one reads the module list itself), and a panic on guest data is
+// contained (no pass).
+func (dom *domain) safePollModules() (changed bool) {
+	isolate(func() error {
+		if !dom.mu.TryLock() {
+			return nil
+		}
+		defer dom.mu.Unlock()
+		if dom.live == nil || !dom.running {
+			return nil
+		}
+		sig, err := dom.live.Kernel.ModuleSignal()
+		if err != nil {
+			return nil
+		}
+		if dom.haveSig && sig != dom.modSig {
+			changed, dom.modChanged = true, time.Now()
+		}
+		dom.modSig, dom.haveSig = sig, true
+		return nil
+	})
+	return changed
+}
+
+// readModuleSignal records the module signal before a pass looks at the
+// module list, so that a load after this read is seen by the next poll.
+func (dom *domain) readModuleSignal() {
+	if dom.live == nil {
+		return
+	}
+	if sig, err := dom.live.Kernel.ModuleSignal(); err == nil {
+		dom.modSig, dom.haveSig = sig, true
+	}
 }
 
 // forget drops a domain that libvirt no longer knows: its memory mapping,
@@ -358,6 +421,15 @@ func (dom *domain) passLocked(force bool, decl []*Declared) time.Duration {
 	dom.waitFor, dom.panics = 0, 0
 	next := interval
 	buildID, _ := patcher.BuildID(dom.live.Target)
+	watch := false
+	for _, c := range decl {
+		watch = watch || len(c.Patch.Modules()) > 0
+	}
+	dom.watchModules.Store(watch)
+	if watch {
+		dom.readModuleSignal()
+		dom.releaseModuleGone(ctx)
+	}
 	for _, c := range decl {
 		ps := dom.patches[c.File]
 		if ps.state == stateRefused && ps.refusedBoot == dom.bootID {
@@ -371,6 +443,12 @@ func (dom *domain) passLocked(force bool, decl []*Declared) time.Duration {
 			dom.refuse(ps, why, "kernel_mismatch")
 			continue
 		}
+		if waiting, soon := dom.waitModules(c, ps); waiting {
+			if soon {
+				next = min(next, modulePoll)
+			}
+			continue
+		}
 		dom.apply(ctx, c, ps)
 		if ps.state == stateFailing {
 			next = min(next, time.Until(ps.nextTry))
@@ -382,13 +460,65 @@ func (dom *domain) passLocked(force bool, decl []*Declared) time.Duration {
 		case stateFailing, stateRefused:
 			sum = "failing"
 		case statePending:
-			if sum == "patched" {
+			if sum == "patched" || sum == "waiting" {
 				sum = "pending"
+			}
+		case stateWaiting:
+			if sum == "patched" {
+				sum = "waiting"
 			}
 		}
 	}
 	dom.sum.Store(sum)
 	return max(next, 50*time.Millisecond)
+}
+
+// waitModules puts a declared patch whose modules are not all loaded (and
+// live) in the guest in state waiting; it reports whether it did, and
+// soon when one of them is loading (look again after modulePoll: the
+// module signal does not change when its init ends). A patch that was
+// applied is then on a module that went away: its journal entry is module
+// gone (releaseModuleGone).
+func (dom *domain) waitModules(c *Declared, ps *patchState) (waiting, soon bool) {
+	if len(c.Patch.Modules()) == 0 {
+		return false, false
+	}
+	missing, settling, err := patcher.MissingModules(dom.live.Target, c.Patch)
+	if err != nil || len(missing) == 0 {
+		return false, false // an unreadable module list: the apply reports it
+	}
+	why := "waiting for module " + strings.Join(missing, ", ")
+	if ps.state != stateWaiting || ps.reason != why {
+		if ps.state == stateApplied {
+			dom.d.metrics.ModuleEvents.WithLabelValues("gone").Inc()
+			dom.d.log.Info("patched module unloaded: declared patch waits for it again", "domain", dom.Name(), "patch", ps.id, "file", ps.file, "modules", missing)
+		} else {
+			dom.d.log.Info("declared patch waits for its module", "domain", dom.Name(), "patch", ps.id, "file", ps.file, "modules", missing)
+		}
+		ps.since = time.Now()
+	}
+	ps.state, ps.reason, ps.failures = stateWaiting, why, 0
+	return true, settling
+}
+
+// releaseModuleGone marks journaled patches of unloaded modules module
+// gone and releases their code-area entries once unused; failures (code
+// still in use) are logged and retried at the next pass.
+func (dom *domain) releaseModuleGone(ctx context.Context) {
+	rep, err := dom.d.pt.ReleaseModuleGone(ctx, dom.live.Domain)
+	if rep != nil && rep.Status != nil {
+		for _, ps := range rep.Status.Differences() {
+			if ps.Memory == patcher.MemModuleGone {
+				dom.d.log.Info("journal: module gone", "domain", dom.Name(), "patch", ps.Entry.ID, "difference", ps.Difference)
+			}
+		}
+	}
+	if rep != nil && len(rep.Released) > 0 {
+		dom.d.log.Info("code of an unloaded module's patch released", "domain", dom.Name(), "entries", rep.Released, "waits", rep.Waits)
+	}
+	if err != nil && !errors.Is(err, patcher.ErrBusy) {
+		dom.d.log.Warn("releasing the code of an unloaded module's patch", "domain", dom.Name(), "err", err)
+	}
 }
 
 func (dom *domain) refuse(ps *patchState, why, reason string) {
@@ -432,14 +562,26 @@ func (dom *domain) apply(ctx context.Context, c *Declared, ps *patchState) {
 		}
 		return
 	}
+	late := ""
+	if was == stateWaiting {
+		late = "module appeared"
+		dom.d.metrics.ModuleEvents.WithLabelValues("appeared").Inc()
+		if !dom.modChanged.IsZero() {
+			dom.d.metrics.LateApply.Observe(time.Since(dom.modChanged).Seconds())
+		}
+	}
 	ps.since = time.Now()
 	dom.d.metrics.Applies.WithLabelValues("applied").Inc()
 	for _, r := range res.Reconciled {
 		dom.d.log.Info("journal reconciled", "domain", dom.Name(), "patch", r.Entry.ID, "difference", r.Difference)
 	}
-	dom.d.log.Info("declared patch applied", "domain", dom.Name(), "patch", ps.id, "file", ps.file,
+	args := []any{"domain", dom.Name(), "patch", ps.id, "file", ps.file,
 		"freeze_window", res.Freeze.Window, "method", res.Freeze.Method,
-		"since_kernel_up", time.Since(dom.kernelUp).Round(time.Millisecond))
+		"since_kernel_up", time.Since(dom.kernelUp).Round(time.Millisecond)}
+	if late != "" {
+		args = append(args, "late", late, "since_module_signal", time.Since(dom.modChanged).Round(time.Microsecond))
+	}
+	dom.d.log.Info("declared patch applied", args...)
 }
 
 // kernelMismatch says why a patch's match section excludes the kernel,

@@ -15,8 +15,14 @@ type Metrics struct {
 	Reverts      *prometheus.CounterVec // by result
 	Failures     *prometheus.CounterVec // by reason
 	FreezeWindow *prometheus.HistogramVec
-	Domains      *prometheus.GaugeVec // by state: patched, pending, failing, unpatched
+	Domains      *prometheus.GaugeVec // by state: patched, waiting, pending, failing, unpatched
 	Passes       prometheus.Counter   // reconcile passes over all domains
+	// ModuleEvents counts patched modules seen unloaded ("gone") and
+	// waited-for modules seen loaded ("appeared", the patch applied).
+	ModuleEvents *prometheus.CounterVec
+	// LateApply is how long after the module poll saw the module list
+	// change a waiting patch was applied.
+	LateApply prometheus.Histogram
 }
 
 // NewMetrics registers every metric.
@@ -45,8 +51,16 @@ func NewMetrics() *Metrics {
 		Passes: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "hvpatch_reconcile_passes_total", Help: "Reconcile passes over all domains (finished or failed).",
 		}),
+		ModuleEvents: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hvpatch_module_events_total", Help: "Modules of declared patches seen unloaded (gone) or loaded (appeared, patch applied).",
+		}, []string{"event"}),
+		LateApply: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "hvpatch_late_apply_seconds",
+			Help:    "From the module poll seeing the module list change to a waiting patch applied.",
+			Buckets: prometheus.ExponentialBuckets(1e-3, 2.5, 12),
+		}),
 	}
-	m.Registry.MustRegister(m.Applies, m.Reverts, m.Failures, m.FreezeWindow, m.Domains, m.Passes,
+	m.Registry.MustRegister(m.Applies, m.Reverts, m.Failures, m.FreezeWindow, m.Domains, m.Passes, m.ModuleEvents, m.LateApply,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

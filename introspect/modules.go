@@ -14,7 +14,23 @@ type Module struct {
 	Base uint64 // start of its core text
 	Size uint64 // total size, init parts included while they exist
 	Addr uint64 // address of its struct module
+	// State is mod->state: ModuleLive, ModuleComing, ModuleGoing or
+	// ModuleUnformed.
+	State uint32
+	// Settled: the module is live and its init is over as far as its
+	// symbols go (mod->kallsyms points at its core copy, which
+	// do_init_module switches to after the init, before the init copy is
+	// freed). Kernels without that field settle with the live state.
+	Settled bool
 }
+
+// Module states (enum module_state, the same values since 3.x).
+const (
+	ModuleLive     = 0 // initialised: its code is final and its init done
+	ModuleComing   = 1 // running its init
+	ModuleGoing    = 2 // being unloaded
+	ModuleUnformed = 3 // still being set up by the loader
+)
 
 // Modules walks the kernel's module list. Base and Size follow
 // /proc/modules: since 6.4 they come from mod->mem[] (MOD_TEXT first),
@@ -27,6 +43,20 @@ func (k *Kernel) Modules() ([]Module, error) {
 	var s fieldSpan
 	listOff := s.need(k, "module.list", 8, 0).Offset
 	name := s.need(k, "module.name", 1, 0)
+	// mod->state (a BTF without it: every module counts as live).
+	stateOff, haveState := uint64(0), false
+	if f, err := k.Field("module.state"); err == nil && f.Size == 4 {
+		stateOff, haveState = f.Offset, true
+		s.end = maxU(s.end, f.Offset+4)
+	}
+	// mod->kallsyms and &mod->core_kallsyms (CONFIG_KALLSYMS).
+	ksymsOff, coreOff, haveKsyms := uint64(0), uint64(0), false
+	if f, err := k.Field("module.kallsyms"); err == nil && f.Size == 8 {
+		if c, err := k.Field("module.core_kallsyms"); err == nil {
+			ksymsOff, coreOff, haveKsyms = f.Offset, c.Offset, true
+			s.end = maxU(s.end, f.Offset+8)
+		}
+	}
 	if s.err != nil {
 		return nil, s.err
 	}
@@ -94,6 +124,10 @@ func (k *Kernel) Modules() ([]Module, error) {
 			nm = nm[:i]
 		}
 		m := Module{Name: string(nm), Base: binary.LittleEndian.Uint64(buf[baseOff:]), Addr: addr}
+		if haveState {
+			m.State = binary.LittleEndian.Uint32(buf[stateOff:])
+		}
+		m.Settled = m.State == ModuleLive && (!haveKsyms || binary.LittleEndian.Uint64(buf[ksymsOff:]) == addr+coreOff)
 		for _, f := range sizes {
 			if f.Size == 8 {
 				m.Size += binary.LittleEndian.Uint64(buf[f.Offset:])
@@ -109,3 +143,37 @@ func (k *Kernel) Modules() ([]Module, error) {
 
 // maxModMem bounds module.mem[]: MOD_MEM_NUM_TYPES is 7.
 const maxModMem = 16
+
+// ModuleSignal is a cheap sign of module loads and unloads: the module
+// list head (a load adds at the tail, so prev changes; removing the first
+// or last module changes next or prev) and uevent_seqnum, which every
+// module's KOBJ_ADD (sent by do_init_module once the module is live) and
+// KOBJ_REMOVE (at unload) advances, with every other uevent. Two equal
+// signals mean no module went live or away in between, short of 2^64
+// uevents; a changed one means something may have (walk Modules).
+type ModuleSignal struct {
+	Next, Prev uint64 // modules.next, modules.prev
+	Seqnum     uint64 // uevent_seqnum (0 when the kernel has none)
+}
+
+// ModuleSignal reads the signal: 16 bytes at the list head and 8 at
+// uevent_seqnum.
+func (k *Kernel) ModuleSignal() (ModuleSignal, error) {
+	var sig ModuleSignal
+	head, err := k.Symbols.Addr("modules")
+	if err != nil {
+		return sig, err
+	}
+	var b [16]byte
+	if err := k.AS.ReadVirt(head, b[:]); err != nil {
+		return sig, fmt.Errorf("reading the module list head at %#x: %w", head, err)
+	}
+	sig.Next, sig.Prev = binary.LittleEndian.Uint64(b[:]), binary.LittleEndian.Uint64(b[8:])
+	if seq, err := k.Symbols.Addr("uevent_seqnum"); err == nil {
+		if err := k.AS.ReadVirt(seq, b[:8]); err != nil {
+			return sig, fmt.Errorf("reading uevent_seqnum at %#x: %w", seq, err)
+		}
+		sig.Seqnum = binary.LittleEndian.Uint64(b[:8])
+	}
+	return sig, nil
+}

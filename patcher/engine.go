@@ -116,6 +116,14 @@ func (pt *Patcher) Apply(ctx context.Context, d Domain, p *Patch, opt ApplyOptio
 		return nil, err
 	}
 	defer lock.Unlock()
+	if old := j.Find(p.ID); old != nil && old.State == StateModuleGone {
+		// Applied before to a module since unloaded: its code leaves the
+		// code area first (the entries' names are the ones used again).
+		if _, _, err := releaseGoneModule(ctx, d.withRegisters(), old); err != nil {
+			return nil, fmt.Errorf("domain %s: patch %s: the code of its apply to the unloaded module is still in the code area: %w", d.Name, p.ID, err)
+		}
+		j.remove(p.ID)
+	}
 	pl, err := pt.plan(d, j, st.BootID, p, opt.PlanOptions)
 	if err != nil {
 		return nil, err
@@ -276,10 +284,53 @@ func hasReplace(jp *JournalPatch) bool {
 	return false
 }
 
+// ModuleGoneReport is what ReleaseModuleGone did.
+type ModuleGoneReport struct {
+	Status *Status
+	// Gone lists the patches in state module gone; Released the
+	// code-area entries released now.
+	Gone     []string
+	Released []string
+	Waits    int
+}
+
+// ReleaseModuleGone reconciles the domain's journal (patches whose module
+// was unloaded become StateModuleGone) and releases the code-area entries
+// of those patches once nothing runs in them. The entries stay in the
+// journal (state module gone) until the patch is applied again or
+// reverted.
+func (pt *Patcher) ReleaseModuleGone(ctx context.Context, d Domain) (_ *ModuleGoneReport, retErr error) {
+	defer func() { retErr = settleWriters(d, retErr) }()
+	lock, j, st, err := pt.begin(d)
+	if err != nil {
+		return nil, err
+	}
+	defer lock.Unlock()
+	rep := &ModuleGoneReport{Status: st}
+	var errs []error
+	for i := range j.Patches {
+		jp := &j.Patches[i]
+		if jp.State != StateModuleGone {
+			continue
+		}
+		rep.Gone = append(rep.Gone, jp.ID)
+		if !goneEntriesPlaced(d.Target, jp) {
+			continue
+		}
+		released, waits, err := releaseGoneModule(ctx, d.withRegisters(), jp)
+		rep.Released = append(rep.Released, released...)
+		rep.Waits += waits
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", jp.ID, err))
+		}
+	}
+	return rep, errors.Join(errs...)
+}
+
 // checkOtherPatches refuses edits overlapping those of another applied patch.
 func checkOtherPatches(j *Journal, pl *Plan) error {
 	for _, jp := range j.Patches {
-		if jp.ID == pl.Patch.ID || jp.BootID != pl.BootID || jp.SupersededBy != "" || pl.Patch.Supersedes(jp.ID) {
+		if jp.ID == pl.Patch.ID || jp.BootID != pl.BootID || jp.SupersededBy != "" || jp.State == StateModuleGone || pl.Patch.Supersedes(jp.ID) {
 			continue
 		}
 		for _, je := range jp.Edits {
@@ -327,6 +378,23 @@ func (pt *Patcher) Revert(ctx context.Context, d Domain, id string) (_ *Result, 
 			}
 		}
 		return nil, fmt.Errorf("domain %s: patch %s is not applied (not in the journal)", d.Name, id)
+	}
+	if jp.State == StateModuleGone {
+		res := &Result{PatchID: id, NoOp: true, Reconciled: st.Differences()}
+		released, waits, err := releaseGoneModule(ctx, d.withRegisters(), jp)
+		res.ReleaseWaits = waits
+		if err != nil {
+			return res, fmt.Errorf("domain %s: patch %s: its module is gone but its replacement code could not be released: %w; revert again to retry", d.Name, id, err)
+		}
+		j.remove(id)
+		if err := pt.State.Save(j); err != nil {
+			return res, err
+		}
+		res.Message = fmt.Sprintf("patch %s: its module was unloaded (nothing left to restore); removed from the journal of domain %s", id, d.Name)
+		if len(released) > 0 {
+			res.Message += fmt.Sprintf(", code-area entries %s released", strings.Join(released, ", "))
+		}
+		return res, nil
 	}
 	if jp.SupersededBy != "" && jp.State != StateReleasing {
 		return nil, fmt.Errorf("domain %s: patch %s was superseded by %s (replaces:), which holds its functions now; revert %s to restore the original functions", d.Name, id, jp.SupersededBy, jp.SupersededBy)

@@ -22,6 +22,13 @@ const (
 	// one in its stop and its code is released; the entry is history,
 	// dropped when the superseding patch is reverted.
 	StateSuperseded = "superseded"
+	// StateModuleGone: the module the patch's edits are in was unloaded
+	// (or unloaded and loaded again: its code is fresh). Nothing of the
+	// patch is in that module any more; its replacement code, if any, is
+	// released from the code area once nothing runs in it
+	// (ReleaseModuleGone), and an apply puts the patch on the module
+	// loaded now.
+	StateModuleGone = "module gone"
 )
 
 // Journal is what hvpatch knows it has done to one domain. It lives in one
@@ -73,6 +80,13 @@ type JournalEdit struct {
 	Object       string `json:"object,omitempty"`
 	ObjectSHA256 string `json:"object_sha256,omitempty"`
 	With         string `json:"with,omitempty"`
+	// Module is the loaded module the edit is in ("" for the kernel
+	// image), ModuleBase its text base at the apply: when the module
+	// leaves the module list, or comes back at another base (or at the
+	// same one with the original bytes at the site), the patch's state
+	// becomes module gone.
+	Module     string `json:"module,omitempty"`
+	ModuleBase uint64 `json:"module_base,omitempty"`
 }
 
 type hexJSON []byte
@@ -91,7 +105,8 @@ func (h *hexJSON) UnmarshalJSON(b []byte) error {
 func journalEdits(pl *Plan) []JournalEdit {
 	out := make([]JournalEdit, len(pl.Edits))
 	for i, e := range pl.Edits {
-		out[i] = JournalEdit{Kind: e.Kind, Symbol: e.Symbol, Offset: e.Offset, VA: e.VA, Old: e.Old, New: e.New, Chunks: e.Chunks}
+		out[i] = JournalEdit{Kind: e.Kind, Symbol: e.Symbol, Offset: e.Offset, VA: e.VA, Old: e.Old, New: e.New, Chunks: e.Chunks,
+			Module: e.Module, ModuleBase: e.ModuleBase}
 		if r := e.Replace; r != nil {
 			out[i].AreaEntry, out[i].Object, out[i].ObjectSHA256, out[i].With = r.Entry, r.Object, r.SHA256, r.With
 		}

@@ -66,6 +66,19 @@ func (t KernelTarget) ModuleSymbols(module, name string) ([]Symbol, error) {
 	return out, nil
 }
 
+// LoadedModules walks the guest's module list.
+func (t KernelTarget) LoadedModules() ([]LoadedModule, error) {
+	mods, err := t.K.Modules()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]LoadedModule, len(mods))
+	for i, m := range mods {
+		out[i] = LoadedModule{Name: m.Name, Base: m.Base, Settled: m.Settled}
+	}
+	return out, nil
+}
+
 func (t KernelTarget) Describe(addr uint64) string {
 	s, off, ok := t.K.Symbols.Resolve(addr)
 	if !ok {

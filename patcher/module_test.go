@@ -12,7 +12,20 @@ import (
 // module function's code.
 type modTarget struct {
 	*fakeTarget
-	mods map[string][]Symbol
+	mods  map[string][]Symbol
+	bases map[string]uint64 // text base by module (0x1000 when unset)
+}
+
+func (m *modTarget) LoadedModules() ([]LoadedModule, error) {
+	var out []LoadedModule
+	for name := range m.mods {
+		base := m.bases[name]
+		if base == 0 {
+			base = 0x1000
+		}
+		out = append(out, LoadedModule{Name: name, Base: base, Settled: true})
+	}
+	return out, nil
 }
 
 func (m *modTarget) ModuleSymbols(module, name string) ([]Symbol, error) {
@@ -90,4 +103,112 @@ func TestModuleFieldValidated(t *testing.T) {
 	if err := p.Validate(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// A patch on a module function: unloading the module makes the journal
+// entry "module gone" (kept, not read from memory), a revert then only
+// drops it; loading the module again (another base) and applying puts the
+// patch on the new copy. The same base with the original bytes back at
+// the site is a reload too.
+func TestModuleGoneAndBack(t *testing.T) {
+	ft := loadFixture(t, "6.1")
+	host := ft.sym(t, "cmdline_proc_show")
+	carrier := []Symbol{{Name: "dummy_change_carrier", Addr: host.Addr, Size: host.Size}}
+	mt := &modTarget{fakeTarget: ft, mods: map[string][]Symbol{"dummy": carrier}, bases: map[string]uint64{}}
+	d, _, _, pt := fakeDomain(t, "6.1")
+	d.Target = mt
+	d.Writer = &fakeWriter{t: ft}
+	ctx := context.Background()
+	p := returnPatch("dummy_change_carrier", -1)
+	p.Edits[0].Module = "dummy"
+	if missing, _, err := MissingModules(mt, p); err != nil || len(missing) != 0 {
+		t.Fatalf("missing %v %v", missing, err)
+	}
+	res, err := pt.Apply(ctx, d, p, ApplyOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e := res.Plan.Edits[0]; e.Module != "dummy" || e.ModuleBase != 0x1000 {
+		t.Fatalf("planned module %q base %#x", e.Module, e.ModuleBase)
+	}
+	state := func() PatchStatus {
+		t.Helper()
+		st, err := pt.Reconcile(d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, ps := range st.Patches {
+			if ps.Entry.ID == p.ID {
+				return ps
+			}
+		}
+		t.Fatalf("%s not in the journal: %+v", p.ID, st.Patches)
+		return PatchStatus{}
+	}
+	if ps := state(); ps.Memory != MemApplied {
+		t.Fatalf("applied: memory %s", ps.Memory)
+	}
+
+	// Unloaded.
+	delete(mt.mods, "dummy")
+	if missing, _, _ := MissingModules(mt, p); len(missing) != 1 || missing[0] != "dummy" {
+		t.Fatalf("missing %v", missing)
+	}
+	ps := state()
+	if ps.Memory != MemModuleGone || ps.Entry.State != StateModuleGone || !strings.Contains(ps.Difference, "module dummy was unloaded") {
+		t.Fatalf("after unload: %+v", ps)
+	}
+	if ps := state(); ps.Memory != MemModuleGone || ps.Difference != "" {
+		t.Fatalf("second reconcile: %+v", ps)
+	}
+	rep, err := pt.ReleaseModuleGone(ctx, d)
+	if err != nil || len(rep.Gone) != 1 || len(rep.Released) != 0 {
+		t.Fatalf("ReleaseModuleGone: %+v %v", rep, err)
+	}
+	if _, err := pt.Apply(ctx, d, p, ApplyOptions{}); err == nil || !strings.Contains(err.Error(), "not loaded") {
+		t.Fatalf("apply without the module: %v", err)
+	}
+
+	// Loaded again elsewhere: the fixture's bytes stand for fresh code, so
+	// put back the original first (the patch is on the old copy).
+	if err := ft.poke(res.Plan.Edits[0].VA, res.Plan.Edits[0].Old); err != nil {
+		t.Fatal(err)
+	}
+	mt.mods["dummy"], mt.bases["dummy"] = carrier, 0x2000
+	if _, err := pt.Apply(ctx, d, p, ApplyOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if ps := state(); ps.Memory != MemApplied || ps.Entry.Edits[0].ModuleBase != 0x2000 {
+		t.Fatalf("applied again: %+v", ps)
+	}
+
+	// Loaded again at the same base: the site holds the original bytes.
+	if err := ft.poke(res.Plan.Edits[0].VA, res.Plan.Edits[0].Old); err != nil {
+		t.Fatal(err)
+	}
+	if ps := state(); ps.Memory != MemModuleGone || !strings.Contains(ps.Difference, "original code") {
+		t.Fatalf("same base, fresh code: %+v", ps)
+	}
+	// A revert of a gone patch drops it.
+	rres, err := pt.Revert(ctx, d, p.ID)
+	if err != nil || !strings.Contains(rres.Message, "unloaded") {
+		t.Fatalf("revert: %+v %v", rres, err)
+	}
+	st, _ := pt.Reconcile(d)
+	if len(st.Patches) != 0 {
+		t.Fatalf("journal after revert: %+v", st.Patches)
+	}
+}
+
+// poke writes bytes the fixture holds (a module loaded again with fresh code).
+func (f *fakeTarget) poke(va uint64, b []byte) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for i, c := range b {
+		if _, ok := f.mem[va+uint64(i)]; !ok {
+			return fmt.Errorf("%#x: not in the fixture", va+uint64(i))
+		}
+		f.mem[va+uint64(i)] = c
+	}
+	return nil
 }

@@ -52,6 +52,12 @@ type PlannedEdit struct {
 	// overwrites Prev; Old stays the original a revert puts back.
 	Prev      []byte
 	PrevPatch string
+	// Module is the loaded module the edit is in ("" for the kernel
+	// image) and ModuleBase that module's text base when planned: a
+	// later module list without it, or with another base, means the
+	// module was unloaded (reconcile: MemModuleGone).
+	Module     string
+	ModuleBase uint64
 }
 
 // stopChunks are the chunks the apply's stop checks and writes: Chunks,
@@ -155,6 +161,12 @@ func MakePlan(t Target, p *Patch, opt PlanOptions) (*Plan, error) {
 	}
 	for i, pe := range planned {
 		pe.Index = i
+		if mod := p.Edits[i].Module; mod != "" {
+			pe.Module = mod
+			if m, ok, err := loadedModule(real, mod); err == nil && ok {
+				pe.ModuleBase = m.Base
+			}
+		}
 		if pe.Chunks, err = chunks(t, pe.VA, pe.Old, pe.New); err != nil {
 			return nil, fmt.Errorf("patch %s: edit %d: %w", p.ID, i+1, err)
 		}

@@ -14,6 +14,9 @@ const (
 	MemRebooted   = "gone (guest rebooted)"
 	// MemSuperseded: a cumulative patch holds the patch's functions now.
 	MemSuperseded = "superseded"
+	// MemModuleGone: the module the patch was in is no longer loaded (or
+	// was loaded again with fresh code); see StateModuleGone.
+	MemModuleGone = "module gone"
 )
 
 // PatchStatus is one journaled patch compared with guest memory.
@@ -69,6 +72,7 @@ func (pt *Patcher) reconcile(d Domain, j *Journal) (*Status, error) {
 	}
 	st := &Status{Domain: d.Name, UUID: d.UUID, Release: d.Target.Release(), BootID: bootID}
 	var keep []JournalPatch
+	var mods *moduleList // read when a journaled edit is in a module
 	for _, jp := range j.Patches {
 		ps := PatchStatus{Entry: jp}
 		if jp.BootID != bootID {
@@ -104,6 +108,22 @@ func (pt *Patcher) reconcile(d Domain, j *Journal) (*Status, error) {
 					}
 				}
 			}
+			ps.Entry = jp
+			keep = append(keep, jp)
+			st.Patches = append(st.Patches, ps)
+			continue
+		}
+		if jp.State == StateModuleGone {
+			ps.Memory = MemModuleGone
+			ps.Entry = jp
+			keep = append(keep, jp)
+			st.Patches = append(st.Patches, ps)
+			continue
+		}
+		if why := moduleGone(d.Target, jp, &mods); why != "" {
+			ps.Memory = MemModuleGone
+			ps.Difference = fmt.Sprintf("journal says %s, but %s: the patch went with it (state %s)", jp.State, why, StateModuleGone)
+			jp.State, st.Changed = StateModuleGone, true
 			ps.Entry = jp
 			keep = append(keep, jp)
 			st.Patches = append(st.Patches, ps)
@@ -212,4 +232,55 @@ func replaceState(t Target, je JournalEdit, cur []byte, entries *map[string]bool
 		return false, ""
 	}
 	return false, fmt.Sprintf("%s+%#x holds % x (original % x, patched % x)", je.Symbol, je.Offset, cur, []byte(je.Old), []byte(je.New))
+}
+
+// moduleList is the guest's module list, read once per reconcile.
+type moduleList struct {
+	byName map[string]LoadedModule
+	err    error
+}
+
+// moduleGone says why the module a journaled patch's edits are in is gone
+// ("" when it is not, or nothing says so): no longer in the module list,
+// loaded again at another base, or at the same base with the original
+// bytes back at a site (a fresh copy of its code, or a revert outside
+// hvpatch: either way nothing of the patch is there). A module list that
+// cannot be read proves nothing.
+func moduleGone(t Target, jp JournalPatch, mods **moduleList) string {
+	if jp.State != StateApplied {
+		return ""
+	}
+	for _, je := range jp.Edits {
+		if je.Module == "" {
+			continue
+		}
+		if *mods == nil {
+			ml := &moduleList{byName: map[string]LoadedModule{}}
+			if l, ok := t.(ModuleLister); !ok {
+				ml.err = fmt.Errorf("this target cannot list modules")
+			} else if all, err := l.LoadedModules(); err != nil {
+				ml.err = err
+			} else {
+				for _, m := range all {
+					ml.byName[m.Name] = m
+				}
+			}
+			*mods = ml
+		}
+		if (*mods).err != nil {
+			return ""
+		}
+		m, ok := (*mods).byName[je.Module]
+		switch {
+		case !ok:
+			return fmt.Sprintf("module %s was unloaded", je.Module)
+		case je.ModuleBase != 0 && m.Base != je.ModuleBase:
+			return fmt.Sprintf("module %s was unloaded and loaded again (text at %#x, patched at %#x)", je.Module, m.Base, je.ModuleBase)
+		}
+		cur := make([]byte, len(je.Old))
+		if err := t.ReadVirt(je.VA, cur); err == nil && string(cur) == string(je.Old) && string(je.Old) != string(je.New) {
+			return fmt.Sprintf("module %s holds its original code at %s+%#x (loaded again at the same address, or reverted outside hvpatch)", je.Module, je.Symbol, je.Offset)
+		}
+	}
+	return ""
 }

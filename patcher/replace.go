@@ -259,7 +259,13 @@ func planGroup(t Target, k *introspect.Kernel, p *Patch, area *codearea.Area, g 
 		return fmt.Errorf("%s: %w", what, err)
 	}
 	first := g.sites[0]
-	opt, resolve, err := codearea.LinkForSymbol(k, symbols.Symbol{Name: first.sym.Name, Addr: first.sym.Addr})
+	for _, s := range g.sites[1:] {
+		if s.edit.Module != first.edit.Module {
+			return fmt.Errorf("%s: its edits are in %s and %s: one object links against one module's symbols (or the kernel image's); split it",
+				what, moduleText(first.edit.Module), moduleText(s.edit.Module))
+		}
+	}
+	opt, resolve, err := linkForSite(k, first)
 	if err != nil {
 		return fmt.Errorf("%s: %w", what, err)
 	}
@@ -293,6 +299,29 @@ func planGroup(t Target, k *introspect.Kernel, p *Patch, area *codearea.Area, g 
 		out[s.index] = pe
 	}
 	return nil
+}
+
+// linkForSite is the link of a replacement for the site's function: the
+// kernel image's (codearea.LinkForSymbol), or for a function of a loaded
+// module that module's (codearea.LinkForModuleSymbol: its own symbols
+// first, statics as "NAME,N" in its table, then the kernel's).
+func linkForSite(k *introspect.Kernel, s replaceSite) (linker.Options, linker.Resolver, error) {
+	sym := symbols.Symbol{Name: s.sym.Name, Addr: s.sym.Addr}
+	if s.edit.Module == "" {
+		return codearea.LinkForSymbol(k, sym)
+	}
+	mods, err := k.ModuleSymbols()
+	if err != nil {
+		return linker.Options{}, nil, fmt.Errorf("module %s: %w", s.edit.Module, err)
+	}
+	return codearea.LinkForModuleSymbol(k, mods, s.edit.Module, sym)
+}
+
+func moduleText(m string) string {
+	if m == "" {
+		return "the kernel image"
+	}
+	return "module " + m
 }
 
 // entrySymbol finds a replacement function in a linked image: a symbol of
@@ -431,4 +460,67 @@ func areaEntries(t Target) (map[string]codearea.Entry, error) {
 		out[e.Name] = e
 	}
 	return out, nil
+}
+
+// releaseGoneModule releases the code-area entries of a patch whose
+// module is gone (StateModuleGone): its module sites are no longer code
+// (or are fresh code that never jumps there), so only the entry's use by
+// a vCPU or a kernel stack is checked, by the area's release, waiting
+// (bounded) for it to end. An entry a kernel-image edit of the patch
+// still jumps into is kept. It returns the entries released.
+func releaseGoneModule(ctx context.Context, d Domain, jp *JournalPatch) (released []string, waits int, err error) {
+	var entries []string
+	kernelSites := map[string][]JournalEdit{}
+	seen := map[string]bool{}
+	for _, je := range jp.Edits {
+		if je.Kind != KindReplace || je.AreaEntry == "" {
+			continue
+		}
+		if !seen[je.AreaEntry] {
+			seen[je.AreaEntry] = true
+			entries = append(entries, je.AreaEntry)
+		}
+		if je.Module == "" {
+			kernelSites[je.AreaEntry] = append(kernelSites[je.AreaEntry], je)
+		}
+	}
+	if len(entries) == 0 {
+		return nil, 0, nil
+	}
+	kh, ok := d.Target.(KernelHolder)
+	if !ok || kh.Kernel() == nil {
+		return nil, 0, fmt.Errorf("releasing the code area needs a live guest kernel")
+	}
+	area, err := codearea.Find(kh.Kernel())
+	if err != nil {
+		return nil, 0, err
+	}
+	for _, name := range entries {
+		if _, placed := area.Entry(name); !placed || len(kernelSites[name]) > 0 {
+			continue // released already, or still the target of a kernel site
+		}
+		if err := area.ReleaseWait(ctx, d.Writer, name, ReleaseWait); err != nil {
+			return released, area.Waits, fmt.Errorf("releasing %s: %w", name, err)
+		}
+		released = append(released, name)
+	}
+	return released, area.Waits, nil
+}
+
+// goneEntriesPlaced reports whether a module-gone patch still has
+// code-area entries to release (false when the area cannot be read).
+func goneEntriesPlaced(t Target, jp *JournalPatch) bool {
+	if !hasReplace(jp) {
+		return false
+	}
+	ents, err := areaEntries(t)
+	if err != nil {
+		return false
+	}
+	for _, je := range jp.Edits {
+		if _, placed := ents[je.AreaEntry]; placed && je.Kind == KindReplace && je.Module != "" {
+			return true
+		}
+	}
+	return false
 }

@@ -54,6 +54,15 @@ func (v *originalView) ReadVirt(va uint64, p []byte) error {
 	return nil
 }
 
+// LoadedModules forwards to the wrapped target's module list.
+func (v *originalView) LoadedModules() ([]LoadedModule, error) {
+	ml, ok := v.Target.(ModuleLister)
+	if !ok {
+		return nil, fmt.Errorf("this target cannot list modules")
+	}
+	return ml.LoadedModules()
+}
+
 // ModuleSymbols forwards to the wrapped target's module symbols.
 func (v *originalView) ModuleSymbols(module, name string) ([]Symbol, error) {
 	mt, ok := v.Target.(ModuleTarget)
@@ -121,7 +130,7 @@ func supersedeList(j *Journal, p *Patch, bootID string) ([]JournalPatch, error) 
 		switch jp.State {
 		case StateApplied:
 			out = append(out, *jp)
-		case StateReleasing:
+		case StateReleasing, StateModuleGone:
 			// Its jumps are gone; its code is released by a revert.
 		default:
 			return nil, fmt.Errorf("patch %s replaces %s, which is in state %s; it needs attention first (hvpatch status)", p.ID, id, jp.State)
@@ -143,7 +152,7 @@ func checkOwners(t Target, j *Journal, p *Patch, bootID string) error {
 		}
 		lo, hi := sym.Addr, sym.Addr+max(sym.Size, 1)
 		for _, jp := range j.Patches {
-			if jp.ID == p.ID || jp.BootID != bootID || jp.SupersededBy != "" || jp.State == StateReleasing || p.Supersedes(jp.ID) {
+			if jp.ID == p.ID || jp.BootID != bootID || jp.SupersededBy != "" || jp.State == StateReleasing || jp.State == StateModuleGone || p.Supersedes(jp.ID) {
 				continue
 			}
 			for _, je := range jp.Edits {

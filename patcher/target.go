@@ -221,3 +221,84 @@ func candidates(syms []Symbol) string {
 	}
 	return strings.Join(parts, ", ")
 }
+
+// LoadedModule is one module in the guest's module list.
+type LoadedModule struct {
+	Name string
+	Base uint64 // start of its core text (/proc/modules' address)
+	// Settled: live, its init over (introspect.Module.Settled).
+	Settled bool
+}
+
+// ModuleLister is a Target that lists the guest's loaded modules.
+type ModuleLister interface {
+	LoadedModules() ([]LoadedModule, error)
+}
+
+// loadedModule finds a module by name in t's module list.
+func loadedModule(t Target, name string) (LoadedModule, bool, error) {
+	ml, ok := t.(ModuleLister)
+	if !ok {
+		return LoadedModule{}, false, fmt.Errorf("module %s: this target cannot list modules", name)
+	}
+	mods, err := ml.LoadedModules()
+	if err != nil {
+		return LoadedModule{}, false, err
+	}
+	for _, m := range mods {
+		if m.Name == name {
+			return m, true, nil
+		}
+	}
+	return LoadedModule{}, false, nil
+}
+
+// Modules lists the modules a patch's edits name (module:), each once, in
+// edit order.
+func (p *Patch) Modules() []string {
+	var out []string
+	seen := map[string]bool{}
+	for _, e := range p.Edits {
+		if e.Module != "" && !seen[e.Module] {
+			seen[e.Module] = true
+			out = append(out, e.Module)
+		}
+	}
+	return out
+}
+
+// MissingModules lists the modules p's edits name that are not loaded
+// and settled in the guest (what a late patch waits for); nil when all
+// are there. settling is set when one of them is in the module list but
+// not settled yet (its init is running or just over): worth another look
+// soon.
+func MissingModules(t Target, p *Patch) (missing []string, settling bool, err error) {
+	names := p.Modules()
+	if len(names) == 0 {
+		return nil, false, nil
+	}
+	ml, ok := t.(ModuleLister)
+	if !ok {
+		return nil, false, fmt.Errorf("module %s: this target cannot list modules", names[0])
+	}
+	mods, err := ml.LoadedModules()
+	if err != nil {
+		return nil, false, err
+	}
+	for _, name := range names {
+		found := false
+		for _, m := range mods {
+			if m.Name == name {
+				found = true
+				if !m.Settled {
+					missing, settling = append(missing, name), true
+				}
+				break
+			}
+		}
+		if !found {
+			missing = append(missing, name)
+		}
+	}
+	return missing, settling, nil
+}

@@ -301,7 +301,7 @@ type EditBytes struct {
 type Declared struct {
 	File    string    `json:"file"`
 	ID      string    `json:"id"`
-	State   string    `json:"state"` // applied, pending, refused, failing
+	State   string    `json:"state"` // applied, pending, waiting (for a module: Reason names it), refused, failing
 	Reason  string    `json:"reason,omitempty"`
 	KeyID   string    `json:"key_id,omitempty"`
 	Since   time.Time `json:"since,omitzero"`
