@@ -12,7 +12,6 @@ import (
 	"io"
 	"math"
 	"regexp"
-	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -160,8 +159,12 @@ func symbolInfo(t *symbols.Table, s symbols.Symbol) SymbolInfo {
 	j := SymbolInfo{Name: s.Name, Addr: HexAddr(s.Addr), Type: string(s.Type), Module: s.Module, Aliases: []string{}}
 	all := t.All()
 	i := sort.Search(len(all), func(i int) bool { return all[i].Addr >= s.Addr })
+	// A guest may put any number of symbols at one address (85,000 made
+	// a list search per alias take seconds): each name is looked up once.
+	seen := map[string]bool{s.Name: true}
 	for ; i < len(all) && all[i].Addr == s.Addr; i++ {
-		if all[i].Name != s.Name && !slices.Contains(j.Aliases, all[i].Name) {
+		if !seen[all[i].Name] {
+			seen[all[i].Name] = true
 			j.Aliases = append(j.Aliases, all[i].Name)
 		}
 	}
