@@ -389,6 +389,7 @@ func (dom *domain) passLocked(force bool, decl []*Declared) time.Duration {
 	}
 	if len(decl) == 0 {
 		// Nothing declared: do not touch the guest at all.
+		dom.watchModules.Store(false)
 		dom.sum.Store("unpatched")
 		return interval
 	}

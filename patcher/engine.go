@@ -95,6 +95,7 @@ func (pt *Patcher) begin(d Domain) (*DomainLock, *Journal, *Status, error) {
 	if err != nil {
 		return nil, nil, nil, err
 	}
+	flushTranslations(d.Target)
 	j, err := pt.State.Load(d.Name, d.UUID)
 	if err == nil {
 		var st *Status
@@ -224,11 +225,25 @@ func (pt *Patcher) Plan(d Domain, p *Patch, opt PlanOptions) (*Plan, error) {
 	if err != nil {
 		return nil, err
 	}
+	flushTranslations(d.Target)
 	bootID, err := BootIdentity(d.Target)
 	if err != nil {
 		return nil, fmt.Errorf("domain %s: %w", d.Name, err)
 	}
 	return pt.plan(d, j, bootID, p, opt)
+}
+
+// flushTranslations drops the live kernel's cached page translations
+// before an operation reads and plans: the guest changes its page tables
+// (vmalloc, and modules: an unloaded module's addresses come back mapped
+// to other pages when it or another one is loaded there), and a stale
+// translation would read, and write, a page that is no longer there.
+func flushTranslations(t Target) {
+	if kh, ok := t.(KernelHolder); ok {
+		if k := kh.Kernel(); k != nil && k.AS != nil {
+			k.AS.Flush()
+		}
+	}
 }
 
 func (pt *Patcher) plan(d Domain, j *Journal, bootID string, p *Patch, opt PlanOptions) (*Plan, error) {

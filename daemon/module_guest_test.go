@@ -1,0 +1,134 @@
+package daemon
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hvpatch/hvpatch/internal/testguest"
+)
+
+// dummyCarrierLock is a patch on dummy.ko: dummy_change_carrier returns
+// -EPERM, so writing /sys/class/net/dummy0/carrier fails.
+func dummyCarrierLock(domain string) string {
+	return fmt.Sprintf(`id: dummy-carrier-lock
+domains: [%q]
+match: {release: ["*"]}
+edits:
+  - {kind: return, function: dummy_change_carrier, module: dummy, value: -1}
+`, domain)
+}
+
+// loadUntilPatched runs in the guest: insmod dummy.ko, note the uptime,
+// bring dummy0 up, then write the carrier until that fails (the patch took
+// effect) or 120 s pass; it returns the milliseconds from the end of the
+// insmod to the first failed write (uptime has 10 ms steps).
+func loadUntilPatched(t *testing.T, g *testguest.Guest) time.Duration {
+	t.Helper()
+	script := `m=/lib/modules/$(uname -r)/dummy.ko
+insmod $m || exit 1
+read a _ </proc/uptime
+ip link set dummy0 up
+n=0
+while echo 0 >/sys/class/net/dummy0/carrier 2>/dev/null; do
+	echo 1 >/sys/class/net/dummy0/carrier
+	n=$((n+1))
+	if [ $((n % 10)) -eq 0 ]; then read c _ </proc/uptime; [ ${c%.*} -gt $((${a%.*}+120)) ] && break; fi
+done
+read b _ </proc/uptime
+echo "$a $b $n"`
+	out, err := g.RunTimeout(script, 3*time.Minute)
+	if err != nil {
+		t.Fatalf("guest load loop: %v\n%s", err, out)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n") // the shell reports the failed write first
+	f := strings.Fields(lines[len(lines)-1])
+	if len(f) != 3 {
+		t.Fatalf("guest load loop printed %q", out)
+	}
+	a, err1 := strconv.ParseFloat(f[0], 64)
+	b, err2 := strconv.ParseFloat(f[1], 64)
+	if err1 != nil || err2 != nil || b-a >= 120 {
+		t.Fatalf("the patch did not take effect within 120 s of the insmod: %q", out)
+	}
+	t.Logf("guest: %s writes of the carrier succeeded before the patch took effect", f[2])
+	return time.Duration((b - a) * float64(time.Second))
+}
+
+// TestDaemonLateModulePatch: a patch on a function of dummy.ko is declared
+// while dummy is not loaded: hvpatchd reports it waiting for the module.
+// insmod in the guest: the patch takes effect (the guest's own writes of
+// the carrier start failing), and the delay from the end of the insmod is
+// measured in the guest and logged. rmmod: the daemon sees the module go
+// (the patch waits again, the journal entry is "module gone"). insmod
+// again: patched again. Pass/fail bounds are generous safety bounds only.
+func TestDaemonLateModulePatch(t *testing.T) {
+	only := os.Getenv("HVPATCH_TEST_SERIES")
+	for _, series := range []string{"6.1", "6.12"} {
+		if only != "" && series != only {
+			continue
+		}
+		t.Run(series, func(t *testing.T) {
+			testguest.Need(t)
+			k, err := testguest.KernelSeries(series)
+			if err != nil {
+				t.Fatal(err)
+			}
+			g := testguest.Start(t, testguest.Options{Kernel: k})
+			td := newTestDaemon(t, "")
+			const file = "dummy.yaml"
+			os.WriteFile(filepath.Join(td.patchDir, file), []byte(dummyCarrierLock(g.Name)), 0o644)
+			td.start()
+			waitDeclared(t, td, g.Name, file, "waiting", 60*time.Second)
+			st, err := td.status(g.Name)
+			if err != nil || len(st.Declared) != 1 || !strings.Contains(st.Declared[0].Reason, "waiting for module dummy") {
+				t.Fatalf("status while dummy is not loaded: %+v %v", st, err)
+			}
+			if n, err := td.metric(`hvpatch_domains{state="waiting"}`); err != nil || n != 1 {
+				t.Errorf("waiting domains gauge %v %v", n, err)
+			}
+
+			for round := 1; round <= 2; round++ {
+				d := loadUntilPatched(t, g)
+				t.Logf("%s: round %d: the patch took effect %v after insmod dummy returned (measured in the guest)", series, round, d.Round(time.Millisecond))
+				waitDeclared(t, td, g.Name, file, "applied", 30*time.Second)
+				if out, err := g.Run("echo 0 >/sys/class/net/dummy0/carrier"); err == nil || !strings.Contains(out, "not permitted") {
+					t.Fatalf("round %d: writing the carrier after the apply: %q %v", round, out, err)
+				}
+				g.MustRun("rmmod dummy")
+				t0 := time.Now()
+				waitDeclared(t, td, g.Name, file, "waiting", 60*time.Second)
+				t.Logf("%s: round %d: unload seen %v after rmmod returned", series, round, time.Since(t0).Round(time.Millisecond))
+				st, err := td.status(g.Name)
+				if err != nil {
+					t.Fatal(err)
+				}
+				gone := false
+				for _, p := range st.Patches {
+					gone = gone || p.ID == "dummy-carrier-lock" && p.Memory == "module gone" && p.Journal == "module gone"
+				}
+				if !gone {
+					t.Fatalf("round %d: journal after rmmod: %+v", round, st.Patches)
+				}
+			}
+			if n, err := td.metric(`hvpatch_module_events_total{event="appeared"}`); err != nil || n < 2 {
+				t.Errorf("appeared events %v %v, want 2", n, err)
+			}
+			if n, err := td.metric(`hvpatch_module_events_total{event="gone"}`); err != nil || n < 2 {
+				t.Errorf("gone events %v %v, want 2", n, err)
+			}
+			for _, l := range strings.Split(td.log(), "\n") {
+				if strings.Contains(l, "since_module_signal") {
+					t.Logf("hvpatchd: %s", l)
+				}
+			}
+			if err := g.ConsoleError(); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
