@@ -353,6 +353,8 @@ func TestGuestBuildModule(t *testing.T) {
 	if err := lf.g.LoadModule("dummy"); err != nil {
 		t.Fatal(err)
 	}
+	// The carrier can be set only while the interface is up.
+	lf.g.MustRun("ip link set dummy0 up")
 	carrier := "echo 0 > /sys/class/net/dummy0/carrier 2>/dev/null && echo down || echo refused; echo 1 > /sys/class/net/dummy0/carrier"
 	if got := strings.TrimSpace(lf.g.MustRun(carrier)); got != "down" {
 		t.Fatalf("before the patch: %q, want down", got)
