@@ -176,15 +176,30 @@ build_initramfs() {
 exec 9>"$OUT/.build.lock"
 flock 9
 
-ensure_apt_lists
-rm -f "$OUT/kernels.txt.tmp"
-for pair in '6.1:6\.1\.0-' '6.12:6\.12\.'; do
-	label=${pair%%:*} series=${pair#*:}
-	pkg=$(newest_package "$series")
-	[ -n "$pkg" ] || { log "no cloud-amd64 kernel found for series $label"; exit 1; }
-	fetch_kernel "$label" "$pkg"
-done
-mv "$OUT/kernels.txt.tmp" "$OUT/kernels.txt"
+# KEEP_KERNELS=1 (the test helper sets it) keeps the kernel set kernels.txt
+# names while all of it is built, so every package of one test run boots the
+# same builds; `make guest` (at the start of make test) picks the newest ones.
+kept_kernels() {
+	local label release
+	[ "${KEEP_KERNELS:-}" = 1 ] && [ -s "$OUT/kernels.txt" ] || return 1
+	while read -r label release; do
+		[ -s "$OUT/kernels/$release/vmlinuz" ] && [ -s "$OUT/kernels/$release/vmlinux" ] || return 1
+	done <"$OUT/kernels.txt"
+}
+
+if kept_kernels; then
+	log "keeping the kernel set of kernels.txt"
+else
+	ensure_apt_lists
+	rm -f "$OUT/kernels.txt.tmp"
+	for pair in '6.1:6\.1\.0-' '6.12:6\.12\.'; do
+		label=${pair%%:*} series=${pair#*:}
+		pkg=$(newest_package "$series")
+		[ -n "$pkg" ] || { log "no cloud-amd64 kernel found for series $label"; exit 1; }
+		fetch_kernel "$label" "$pkg"
+	done
+	mv "$OUT/kernels.txt.tmp" "$OUT/kernels.txt"
+fi
 fetch_fix_kernels
 build_initramfs
 log "done: $(tr '\n' ' ' <"$OUT/kernels.txt") fix: $(tr '\n' ' ' <"$OUT/fix-kernels.txt")"
