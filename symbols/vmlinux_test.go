@@ -30,6 +30,8 @@ var (
 
 func loadImages(tb testing.TB) []vmlinuxImage {
 	tb.Helper()
+	// The kernel images come from the guest builder: not under -short.
+	testguest.Need(tb)
 	imagesOnce.Do(func() {
 		ks, err := testguest.Kernels()
 		if err != nil {
