@@ -190,6 +190,9 @@ func checkRun(c hostile.Case, r cliRun) []string {
 		} else if i := rawControl(msg); i >= 0 {
 			bad = append(bad, fmt.Sprintf("raw control character in the error: %q", msg))
 		}
+		if strings.HasPrefix(c.Name, "truncated") && !strings.Contains(msg, "truncated") {
+			bad = append(bad, "a truncated dump without saying so: "+msg)
+		}
 		if r.code == 2 {
 			bad = append(bad, "exit 2 (usage error) for valid arguments: "+msg)
 		}

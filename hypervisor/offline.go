@@ -219,6 +219,13 @@ func elfHeaderError(r io.ReaderAt, size int64, err error) error {
 	if _, rerr := r.ReadAt(h[:], 0); rerr == nil {
 		le := binary.LittleEndian
 		phoff, phentsize, phnum := le.Uint64(h[32:]), uint64(le.Uint16(h[54:])), uint64(le.Uint16(h[56:]))
+		if phoff <= uint64(size) && phnum*phentsize <= uint64(size)-phoff {
+			// The program headers are whole: what is missing is section
+			// data, which QEMU writes after the memory (its section-name
+			// table), so a dump cut anywhere in its memory ends here.
+			return fmt.Errorf("the file ends at byte %d, before the ELF sections its headers describe (section headers at offset %d): truncated (%w)",
+				size, le.Uint64(h[40:]), err)
+		}
 		return fmt.Errorf("the file ends at byte %d, inside the program headers (%d of %d bytes at offset %d): truncated (%w)",
 			size, phnum, phentsize, phoff, err)
 	}
