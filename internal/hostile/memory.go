@@ -365,9 +365,11 @@ func (p *planner) aliasCase(tab *symbols.Table, info *symbols.KallsymsInfo) {
 		return
 	}
 	needed := map[string]bool{}
-	for _, n := range []string{"_text", "_stext", "_etext", "_end", "linux_banner", "__start_BTF", "__stop_BTF", "init_task",
+	// What hvpatch looks up by name (introspect, codearea, hvpatchd's
+	// boot identity); every other symbol may move.
+	for _, n := range []string{"_text", "_end", "linux_banner", "__start_BTF", "__stop_BTF", "init_task",
 		"page_offset_base", "vmalloc_base", "vmemmap_base", "init_top_pgt", "level2_kernel_pgt", "modules", "runqueues",
-		"__per_cpu_offset", "nr_cpu_ids", "system_state", DefaultTarget, "__start_notes", "__stop_notes", "_sinittext", "_einittext"} {
+		"__per_cpu_offset", "nr_cpu_ids", "system_state", "__start_notes", "__stop_notes"} {
 		needed[n] = true
 	}
 	bestA, bestN := 0, 0
