@@ -116,7 +116,7 @@ func tail(s string, n int) string {
 }
 
 func returnPatch(id string) string {
-	return "id: " + id + "\ndescription: fleet test: /proc/version reads empty\n" +
+	return "id: " + id + "\ndescription: \"fleet test: /proc/version reads empty\"\n" +
 		"match: {release: [\"6.1.*\", \"6.12.*\"]}\nedits:\n  - {kind: return, function: version_proc_show, value: 0}\n"
 }
 
@@ -166,11 +166,6 @@ func (f *fleet) nodeStatus(hp, node string) *api.HotPatchNode {
 // signed by a key only node-a trusts fails hvpatchd's verification on
 // node-b, halts with the reason, and rollback reverts node-a.
 func TestFleetRollout(t *testing.T) {
-	if os.Getenv("HVPATCH_FLEET_E2E") == "" {
-		// Not yet run to completion on guests (the guest lock was busy for
-		// the whole session that wrote it): opt-in until it has.
-		t.Skip("HVPATCH_FLEET_E2E=1 runs the fleet end-to-end test (two TCG guests)")
-	}
 	testguest.Need(t)
 	k := kubetest.Start(t)
 	bin := binaries(t)
@@ -290,9 +285,9 @@ kubernetes: {enabled: true, node: %s, kubeconfig: %s, domains: [%s], resync: 3s}
 	if c := strings.Count(logA, `"msg":"kubernetes: patch applied"`); c != 1 {
 		t.Errorf("node-a: patch applied %d times, want once", c)
 	}
-	if !strings.Contains(logA, "already applied (journal)") {
-		t.Errorf("node-a's restarted agent did not report the journal's no-op")
-	}
+	// (Whether the restarted agent asks hvpatchd again, which answers from
+	// its journal, depends on whether the kill came before or after the
+	// agent wrote its status; either way nothing is applied twice.)
 	if after := f.nodeStatus("cve-version", "node-a"); after.ResourceVersion != canary.ResourceVersion {
 		t.Errorf("node-a's status was rewritten after the restart (%s -> %s)", canary.ResourceVersion, after.ResourceVersion)
 	}
