@@ -158,6 +158,7 @@ func Build(ctx context.Context, g Guest, diff []byte, opt Options) (*Result, err
 	res.ID = id
 
 	var tree *ksource.Tree
+	b, berr := ksource.ParseBanner(g.Banner)
 	if err := step("identify", func() (string, error) {
 		if opt.Source != "" {
 			t, err := ksource.Open(opt.Source)
@@ -167,9 +168,8 @@ func Build(ctx context.Context, g Guest, diff []byte, opt Options) (*Result, err
 			tree = t
 			return "source tree " + t.Dir, nil
 		}
-		b, err := ksource.ParseBanner(g.Banner)
-		if err != nil {
-			return "", fmt.Errorf("%w (for kernels not built by Debian, give a prepared tree with --source DIR)", err)
+		if berr != nil {
+			return "", fmt.Errorf("%w (for kernels not built by Debian, give a prepared tree with --source DIR)", berr)
 		}
 		res.Source = b.Version
 		return fmt.Sprintf("%s, Debian source %s, %s", b.Release, b.Version, b.Compiler), nil
@@ -177,7 +177,6 @@ func Build(ctx context.Context, g Guest, diff []byte, opt Options) (*Result, err
 		return nil, err
 	}
 	if tree == nil {
-		b, _ := ksource.ParseBanner(g.Banner)
 		progress(fmt.Sprintf("preparing the %s source tree of %s", b.Version, b.Release))
 		t, err := ksource.Prepare(ctx, b, ksource.Options{CacheDir: opt.Cache, Progress: progress})
 		if err != nil {
@@ -189,7 +188,8 @@ func Build(ctx context.Context, g Guest, diff []byte, opt Options) (*Result, err
 		}
 		res.Packages = t.Packages
 	}
-	if b, err := ksource.ParseBanner(g.Banner); err == nil {
+	if berr == nil {
+		// A tree given with --source is checked against the guest too.
 		if err := tree.CheckCompiler(b.Compiler); err != nil {
 			return nil, err
 		}
