@@ -83,7 +83,11 @@ func (a *app) daemon() (*daemonClient, error) {
 		PID int `json:"pid"`
 	}
 	if err := client.get(ctx, "/health", nil, &h); err != nil {
-		if ctx.Err() != nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		// Whichever bound fires first (the health check's, or the
+		// transport's wait for response headers), it is a daemon that
+		// does not answer.
+		var ne net.Error
+		if ctx.Err() != nil || errors.Is(err, os.ErrDeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout()) {
 			return nil, fmt.Errorf("hvpatchd at %s does not answer within %v (--standalone runs without the daemon)", path, min(timeout, daemonHealthTimeout))
 		}
 		return nil, err
