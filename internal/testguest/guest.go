@@ -349,6 +349,9 @@ func waitForLine(path string, re *regexp.Regexp, timeout time.Duration, trouble 
 	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
 		b, _ := os.ReadFile(path)
+		// Only whole lines: the console file may be read half-written,
+		// and a match on "release=6.12.117+d" would be a wrong answer.
+		b = b[:bytes.LastIndexByte(b, '\n')+1]
 		if m := re.Find(b); m != nil {
 			return string(m), nil
 		}
