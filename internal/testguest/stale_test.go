@@ -34,11 +34,13 @@ func TestRemoveStaleDomainsOwnership(t *testing.T) {
 	if alive.Start, err = processStart(1); err != nil {
 		t.Fatal(err)
 	}
+	domXML := func(name, metadata string) string {
+		return fmt.Sprintf(`<domain type='qemu'><name>%s</name><memory unit='MiB'>32</memory><vcpu>1</vcpu>
+<metadata>%s</metadata><os><type arch='x86_64' machine='pc'>hvm</type></os><devices><memballoon model='none'/></devices></domain>`, name, metadata)
+	}
 	create := func(name, metadata string) libvirt.Domain {
 		t.Helper()
-		xml := fmt.Sprintf(`<domain type='qemu'><name>%s</name><memory unit='MiB'>32</memory><vcpu>1</vcpu>
-<metadata>%s</metadata><os><type arch='x86_64' machine='pc'>hvm</type></os><devices><memballoon model='none'/></devices></domain>`, name, metadata)
-		d, err := lv.DomainCreateXML(xml, 0)
+		d, err := lv.DomainCreateXML(domXML(name, metadata), 0)
 		if err != nil {
 			t.Fatalf("creating %s: %v", name, err)
 		}
@@ -46,7 +48,23 @@ func TestRemoveStaleDomainsOwnership(t *testing.T) {
 		return d
 	}
 	base := fmt.Sprintf("hvpt-%d-stale", dead.PID)
-	orphan := create(base+"-orphan", dead.metadata())
+	// The orphan's marker names a dead process, so the clean-up of any
+	// other test process starting a guest meanwhile may destroy it while
+	// QEMU is still starting ("process exited while connecting to
+	// monitor"): that is the clean-up working. Try again a few times.
+	var orphan libvirt.Domain
+	for try := 1; ; try++ {
+		d, err := lv.DomainCreateXML(domXML(base+"-orphan", dead.metadata()), 0)
+		if err == nil {
+			orphan = d
+			t.Cleanup(func() { lv.DomainDestroy(d) })
+			break
+		}
+		if try == 5 || !strings.Contains(err.Error(), "exited") {
+			t.Fatalf("creating %s-orphan: %v", base, err)
+		}
+		t.Logf("creating %s-orphan, try %d: %v (destroyed by a concurrent clean-up)", base, try, err)
+	}
 	foreign := create(base+"-foreign", "")
 	living := create(base+"-alive", alive.metadata())
 	o, ok := domainOwner(lv, orphan)
