@@ -142,9 +142,28 @@ func testCodeWriters(t *testing.T, lg *liveGuest) {
 	}
 	t.Logf("gdbstub: edit at %#x (version_proc_show+%d, gpa %#x) emptied /proc/version, restore brought it back; windows %v, %v",
 		site, site-fn, gpa, rep.Window, rep2.Window)
-	if st, _ := d.State(ctx); st != "running" {
-		t.Errorf("after the gdbstub writer the domain is %q", st)
+	// QEMU must run the VM once the writer's own check is done; libvirt's
+	// view follows from QEMU's RESUME event, which a busy libvirtd handles
+	// late, so it gets a bound rather than one look.
+	if s, ok := gw.(interface{ Settle() error }); !ok {
+		t.Errorf("gdbstub writer %T has no Settle", gw)
+	} else if err := s.Settle(); err != nil {
+		t.Errorf("gdbstub writer: %v", err)
 	}
+	if st, err := d.RunStatus(ctx); err != nil || st != "running" {
+		t.Errorf("after the gdbstub writer QEMU reports the VM %q (%v)", st, err)
+	}
+	var st string
+	lag := time.Now()
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if st, _ = d.State(ctx); st == "running" {
+			break
+		}
+	}
+	if st != "running" {
+		t.Errorf("30 s after the gdbstub writer libvirt reports the domain %q", st)
+	}
+	t.Logf("libvirt reported the domain running %v after the check", time.Since(lag).Round(time.Millisecond))
 
 	// Direct writers: under TCG, running code may not see their writes, so
 	// check what they do promise: reads and writes of guest RAM with all

@@ -9,11 +9,16 @@
  * kernel creates cannot be removed (its ID maps to index 0), and tearing down a
  * namespace holding it would trip the WARN in ipc_rmid(). The stray object is
  * left alone; a second run still reports correctly (the unfixed kernel then
- * hands out 32769). Prints VULNERABLE or FIXED; anything else is a test error. */
+ * hands out 32769). Prints VULNERABLE or FIXED; anything else is a test error.
+ *
+ * msg_next_id is one knob for the whole namespace and the tests run copies of
+ * this program on every vCPU at once: a copy takes an exclusive lock first, so
+ * no other copy consumes the next_id it set. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/ipc.h>
 #include <sys/msg.h>
 #include <unistd.h>
@@ -38,7 +43,12 @@ static int set_next_id(int id)
 int main(void)
 {
 	int first, second;
+	int lock = open("/tmp/repro-ipc-next-id.lock", O_RDWR | O_CREAT, 0600);
 
+	if (lock < 0 || flock(lock, LOCK_EX) < 0) {
+		printf("ERROR lock: %s\n", strerror(errno));
+		return 2;
+	}
 	if (set_next_id(LAST_IDX) < 0) {
 		printf("ERROR msg_next_id: %s\n", strerror(errno));
 		return 2;
