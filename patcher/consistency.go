@@ -110,8 +110,8 @@ func (e *busyError) Error() string { return "functions in use" }
 func activitySpans(t Target, pl *Plan) (rips, stacks []codearea.Span, err error) {
 	seen := map[uint64]bool{}
 	for _, e := range pl.Edits {
-		if e.Kind != KindReplace && e.Kind != KindReturn || seen[e.SymbolAddr] {
-			continue
+		if e.Kind != KindReplace && e.Kind != KindReturn || e.Applied || seen[e.SymbolAddr] {
+			continue // an applied edit is carried over, not switched now
 		}
 		seen[e.SymbolAddr] = true
 		if e.SymbolSize == 0 {

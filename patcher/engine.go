@@ -117,17 +117,33 @@ func (pt *Patcher) Apply(ctx context.Context, d Domain, p *Patch, opt ApplyOptio
 		return nil, err
 	}
 	defer lock.Unlock()
+	var carried map[uint64]JournalEdit // kernel edits of a module-gone apply, still in place
 	if old := j.Find(p.ID); old != nil && old.State == StateModuleGone {
 		// Applied before to a module since unloaded: its code leaves the
 		// code area first (the entries' names are the ones used again).
 		if _, _, err := releaseGoneModule(ctx, d.withRegisters(), old); err != nil {
 			return nil, fmt.Errorf("domain %s: patch %s: the code of its apply to the unloaded module is still in the code area: %w", d.Name, p.ID, err)
 		}
+		carried = kernelEditsInPlace(d.Target, old)
 		j.remove(p.ID)
 	}
 	pl, err := pt.plan(d, j, st.BootID, p, opt.PlanOptions)
 	if err != nil {
 		return nil, err
+	}
+	// The kernel image's edits of a patch that also edits a module stay
+	// when the module goes (as livepatch keeps vmlinux's part): they are
+	// carried into this apply, which writes only the module's edits.
+	for i, e := range pl.Edits {
+		if !e.Applied || carried == nil {
+			continue
+		}
+		je, ok := carried[e.VA]
+		if !ok || string(je.New) != string(e.New) {
+			return nil, fmt.Errorf("domain %s: patch %s is partly applied (%s+%#x holds the new bytes, but its last apply did not leave them there); revert or reconcile first", d.Name, p.ID, e.Symbol, e.Offset)
+		}
+		// What a revert puts back is what that apply found.
+		pl.Edits[i].Old, pl.Edits[i].Chunks = je.Old, je.Chunks
 	}
 	res := &Result{PatchID: p.ID, Plan: pl, Reconciled: st.Differences()}
 	if old := j.Find(p.ID); old != nil && old.BootID == pl.BootID && old.State == StateApplied {
@@ -151,7 +167,7 @@ func (pt *Patcher) Apply(ctx context.Context, d Domain, p *Patch, opt ApplyOptio
 		return res, nil
 	}
 	for _, e := range pl.Edits {
-		if e.Applied {
+		if e.Applied && carried == nil {
 			return nil, fmt.Errorf("domain %s: patch %s is partly applied (%s+%#x already holds the new bytes); revert or reconcile first", d.Name, p.ID, e.Symbol, e.Offset)
 		}
 	}
@@ -401,6 +417,12 @@ func (pt *Patcher) Revert(ctx context.Context, d Domain, id string) (_ *Result, 
 		if err != nil {
 			return res, fmt.Errorf("domain %s: patch %s: its module is gone but its replacement code could not be released: %w; revert again to retry", d.Name, id, err)
 		}
+		if kernel := kernelEdits(jp); len(kernel) > 0 {
+			// Its kernel image edits outlived the module: they are
+			// reverted as those of an applied patch, below.
+			jp.Edits, jp.State = kernel, StateApplied
+			return pt.revertApplied(ctx, d, j, st, jp)
+		}
 		j.remove(id)
 		if err := pt.State.Save(j); err != nil {
 			return res, err
@@ -417,6 +439,13 @@ func (pt *Patcher) Revert(ctx context.Context, d Domain, id string) (_ *Result, 
 	if jp.State != StateApplied && jp.State != StateReleasing {
 		return nil, fmt.Errorf("domain %s: patch %s is in state %s with memory holding %s; it needs attention before a revert", d.Name, id, jp.State, memState(st, id))
 	}
+	return pt.revertApplied(ctx, d, j, st, jp)
+}
+
+// revertApplied reverts jp, an entry of j in state applied or releasing:
+// the jumps out in one stop, then its code-area entries released.
+func (pt *Patcher) revertApplied(ctx context.Context, d Domain, j *Journal, st *Status, jp *JournalPatch) (*Result, error) {
+	id := jp.ID
 	pl := &Plan{Patch: &Patch{ID: jp.ID, Description: jp.Description}, Release: jp.Release, BuildID: jp.BuildID, BootID: jp.BootID}
 	allOld := true
 	for i, je := range jp.Edits {
@@ -591,6 +620,9 @@ func writeStop(ctx context.Context, d Domain, pl *Plan, revert bool, check func(
 	}
 	var all []Chunk
 	for _, e := range pl.Edits {
+		if e.Applied && !revert {
+			continue // carried over from the patch's last apply (Apply)
+		}
 		all = append(all, e.stopChunks()...)
 	}
 	if !revert {

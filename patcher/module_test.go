@@ -212,3 +212,97 @@ func (f *fakeTarget) poke(va uint64, b []byte) error {
 	}
 	return nil
 }
+
+// TestMixedPatchModuleGone: a patch on a kernel function and a module
+// function. The module goes: the kernel's edit stays in place (the journal
+// says module gone). The module comes back: the apply writes the module's
+// edit only and carries the kernel's over, whose revert still restores
+// the original bytes. The module goes again: a revert restores the kernel
+// function, which was left patched before this was handled.
+func TestMixedPatchModuleGone(t *testing.T) {
+	ft := loadFixture(t, "6.1")
+	host := ft.sym(t, "cmdline_proc_show")
+	carrier := []Symbol{{Name: "dummy_change_carrier", Addr: host.Addr, Size: host.Size}}
+	mt := &modTarget{fakeTarget: ft, mods: map[string][]Symbol{"dummy": carrier}, bases: map[string]uint64{}}
+	d, _, _, pt := fakeDomain(t, "6.1")
+	d.Target = mt
+	d.Writer = &fakeWriter{t: ft}
+	ctx := context.Background()
+	p := returnPatch("version_proc_show", 0)
+	p.ID = "mixed"
+	mod := returnPatch("dummy_change_carrier", -1).Edits[0]
+	mod.Module = "dummy"
+	p.Edits = append(p.Edits, mod)
+
+	res, err := pt.Apply(ctx, d, p, ApplyOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	kern, modEdit := res.Plan.Edits[0], res.Plan.Edits[1]
+	read := func(e PlannedEdit) string {
+		t.Helper()
+		b := make([]byte, len(e.New))
+		if err := mt.ReadVirt(e.VA, b); err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	entry := func() *JournalPatch {
+		t.Helper()
+		st, err := pt.Reconcile(d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, ps := range st.Patches {
+			if ps.Entry.ID == p.ID {
+				return &ps.Entry
+			}
+		}
+		return nil
+	}
+
+	delete(mt.mods, "dummy")
+	if jp := entry(); jp == nil || jp.State != StateModuleGone {
+		t.Fatalf("after the unload: %+v", jp)
+	}
+	if read(kern) != string(kern.New) {
+		t.Fatal("the kernel's edit went with the module")
+	}
+
+	// Back at another base with fresh code.
+	if err := ft.poke(modEdit.VA, modEdit.Old); err != nil {
+		t.Fatal(err)
+	}
+	mt.mods["dummy"], mt.bases["dummy"] = carrier, 0x2000
+	res2, err := pt.Apply(ctx, d, p, ApplyOptions{})
+	if err != nil {
+		t.Fatalf("apply after the module came back: %v", err)
+	}
+	if !res2.Plan.Edits[0].Applied || res2.Plan.Edits[1].Applied {
+		t.Fatalf("want the kernel edit carried and the module edit written: %+v", res2.Plan.Edits)
+	}
+	jp := entry()
+	if jp == nil || jp.State != StateApplied || len(jp.Edits) != 2 || string(jp.Edits[0].Old) != string(kern.Old) {
+		t.Fatalf("journal after the second apply: %+v", jp)
+	}
+	if read(modEdit) != string(modEdit.New) || read(kern) != string(kern.New) {
+		t.Fatal("memory after the second apply does not hold both edits")
+	}
+
+	// Gone again, then reverted: the kernel function is restored.
+	delete(mt.mods, "dummy")
+	if jp := entry(); jp == nil || jp.State != StateModuleGone {
+		t.Fatalf("after the second unload: %+v", jp)
+	}
+	rres, err := pt.Revert(ctx, d, p.ID)
+	if err != nil {
+		t.Fatalf("revert while the module is gone: %v", err)
+	}
+	if read(kern) != string(kern.Old) {
+		t.Fatalf("revert left the kernel function patched (%s)", rres.Message)
+	}
+	if jp := entry(); jp != nil {
+		t.Fatalf("journal after the revert: %+v", jp)
+	}
+	t.Log(rres.Message)
+}
