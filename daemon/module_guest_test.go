@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -10,16 +11,20 @@ import (
 	"time"
 
 	"github.com/hvpatch/hvpatch/internal/testguest"
+	"github.com/hvpatch/hvpatch/service"
 )
 
-// dummyCarrierLock is a patch on dummy.ko: dummy_change_carrier returns
-// -EPERM, so writing /sys/class/net/dummy0/carrier fails.
+// dummyCarrierLock is a patch on dummy.ko and the kernel image:
+// dummy_change_carrier returns -EPERM, so writing
+// /sys/class/net/dummy0/carrier fails, and version_proc_show returns 0, so
+// /proc/version reads empty.
 func dummyCarrierLock(domain string) string {
 	return fmt.Sprintf(`id: dummy-carrier-lock
 domains: [%q]
 match: {release: ["*"]}
 edits:
   - {kind: return, function: dummy_change_carrier, module: dummy, value: -1}
+  - {kind: return, function: version_proc_show, value: 0}
 `, domain)
 }
 
@@ -59,25 +64,35 @@ echo "$a $b $n"`
 	return time.Duration((b - a) * float64(time.Second))
 }
 
-// TestDaemonLateModulePatch: a patch on a function of dummy.ko is declared
-// while dummy is not loaded: hvpatchd reports it waiting for the module.
-// insmod in the guest: the patch takes effect (the guest's own writes of
-// the carrier start failing), and the delay from the end of the insmod is
-// measured in the guest and logged. rmmod: the daemon sees the module go
-// (the patch waits again, the journal entry is "module gone"). insmod
-// again: patched again. Pass/fail bounds are generous safety bounds only.
+// TestDaemonLateModulePatch: a patch on a function of dummy.ko (and one of
+// the kernel image) is declared while dummy is not loaded: hvpatchd
+// reports it waiting for the module. insmod in the guest: the patch takes
+// effect (the guest's own writes of the carrier start failing), and the
+// delay from the end of the insmod is measured in the guest and logged.
+// rmmod: the daemon sees the module go (the patch waits again, the journal
+// entry is "module gone") and the kernel's edit stays. insmod again:
+// patched again, the kernel's edit carried over. A revert through the API
+// with the module gone restores the kernel function. Pass/fail bounds are
+// generous safety bounds only.
+// Every Debian series: 6.1 and 6.12 (bookworm), and the extra kernels
+// 5.10, 6.12+deb13 and 7.x.
 func TestDaemonLateModulePatch(t *testing.T) {
+	testguest.Need(t)
+	ks, err := testguest.Kernels()
+	if err != nil {
+		t.Fatal(err)
+	}
+	extra, err := testguest.ExtraKernels()
+	if err != nil {
+		t.Fatal(err)
+	}
 	only := os.Getenv("HVPATCH_TEST_SERIES")
-	for _, series := range []string{"6.1", "6.12"} {
+	for _, k := range append(ks, extra...) {
+		series := k.Series
 		if only != "" && series != only {
 			continue
 		}
 		t.Run(series, func(t *testing.T) {
-			testguest.Need(t)
-			k, err := testguest.KernelSeries(series)
-			if err != nil {
-				t.Fatal(err)
-			}
 			g := testguest.Start(t, testguest.Options{Kernel: k})
 			td := newTestDaemon(t, "")
 			const file = "dummy.yaml"
@@ -99,6 +114,9 @@ func TestDaemonLateModulePatch(t *testing.T) {
 				if out, err := g.Run("echo 0 >/sys/class/net/dummy0/carrier"); err == nil || !strings.Contains(out, "not permitted") {
 					t.Fatalf("round %d: writing the carrier after the apply: %q %v", round, out, err)
 				}
+				if got := procVersionLen(t, g); got != "0" {
+					t.Fatalf("round %d: the kernel edit is not in place: /proc/version has %s bytes", round, got)
+				}
 				g.MustRun("rmmod dummy")
 				t0 := time.Now()
 				waitDeclared(t, td, g.Name, file, "waiting", 60*time.Second)
@@ -114,7 +132,18 @@ func TestDaemonLateModulePatch(t *testing.T) {
 				if !gone {
 					t.Fatalf("round %d: journal after rmmod: %+v", round, st.Patches)
 				}
+				if got := procVersionLen(t, g); got != "0" {
+					t.Fatalf("round %d: the kernel edit went with the module: /proc/version has %s bytes", round, got)
+				}
 			}
+			var res service.PatchResult
+			if err := td.do(http.MethodPost, "/domains/"+g.Name+"/revert", service.RevertRequest{ID: "dummy-carrier-lock"}, &res); err != nil {
+				t.Fatalf("revert with the module gone: %v", err)
+			}
+			if got := procVersionLen(t, g); got == "0" {
+				t.Fatalf("revert with the module gone (%s) left the kernel function patched", res.Message)
+			}
+			t.Logf("%s: revert with the module gone: %s", series, res.Message)
 			if n, err := td.metric(`hvpatch_module_events_total{event="appeared"}`); err != nil || n < 2 {
 				t.Errorf("appeared events %v %v, want 2", n, err)
 			}
