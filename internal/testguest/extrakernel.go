@@ -1,12 +1,10 @@
 package testguest
 
 import (
-	"bufio"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
 )
 
@@ -73,30 +71,5 @@ func buildExtra() error {
 }
 
 func readExtraKernels(cache string) ([]Kernel, error) {
-	path := filepath.Join(cache, "extra-kernels.txt")
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("testguest: extra kernels not built (run testdata/guest/build-extra.sh): %w", err)
-	}
-	defer f.Close()
-	var ks []Kernel
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) != 2 {
-			continue
-		}
-		k := Kernel{Series: fields[0], Release: fields[1], Dir: filepath.Join(cache, "kernels", fields[1])}
-		if _, err := os.Stat(k.Vmlinuz()); err != nil {
-			return nil, fmt.Errorf("testguest: extra kernel %s listed but not built: %w", k.Release, err)
-		}
-		ks = append(ks, k)
-	}
-	if err := sc.Err(); err != nil {
-		return nil, err
-	}
-	if len(ks) == 0 {
-		return nil, fmt.Errorf("testguest: %s lists no kernel", path)
-	}
-	return ks, nil
+	return kernelList(cache, "extra-kernels.txt", "extra kernels", "testdata/guest/build-extra.sh", "", true)
 }

@@ -1,11 +1,8 @@
 package testguest
 
 import (
-	"bufio"
 	"fmt"
-	"os"
 	"path/filepath"
-	"strings"
 )
 
 // FixKernel returns the pinned older 6.1 build that the upstream fixes in
@@ -70,31 +67,6 @@ func readFixKernelLabel(cache, label string) (Kernel, error) {
 }
 
 func readFixKernels(cache string) ([]Kernel, error) {
-	path := filepath.Join(cache, "fix-kernels.txt")
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("testguest: pinned fix kernels not built (run testdata/guest/build.sh): %w", err)
-	}
-	defer f.Close()
-	var ks []Kernel
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) != 2 {
-			continue
-		}
-		k := Kernel{Series: fields[0], Release: fields[1], Dir: filepath.Join(cache, "kernels", fields[1])}
-		if _, err := os.Stat(k.Vmlinuz()); err != nil {
-			return nil, fmt.Errorf("testguest: fix kernel %s listed but not built: %w", k.Release, err)
-		}
-		ks = append(ks, k)
-	}
-	if err := sc.Err(); err != nil {
-		return nil, err
-	}
-	if len(ks) == 0 {
-		return nil, fmt.Errorf("testguest: %s lists no kernel: the pinned fix kernels are no longer in the apt archive "+
-			"(see the warning of testdata/guest/build.sh)", path)
-	}
-	return ks, nil
+	return kernelList(cache, "fix-kernels.txt", "pinned fix kernels", "testdata/guest/build.sh",
+		": the pinned fix kernels are no longer in the apt archive (see the warning of testdata/guest/build.sh)", true)
 }

@@ -9,14 +9,12 @@
 package testguest
 
 import (
-	"bufio"
 	"errors"
 	"flag"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -160,24 +158,7 @@ func readKernels() ([]Kernel, error) {
 	if err != nil {
 		return nil, err
 	}
-	f, err := os.Open(filepath.Join(cache, "kernels.txt"))
-	if err != nil {
-		return nil, fmt.Errorf("testguest: guest kernels not built (run testdata/guest/build.sh): %w", err)
-	}
-	defer f.Close()
-	var ks []Kernel
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) != 2 {
-			continue
-		}
-		ks = append(ks, Kernel{Series: fields[0], Release: fields[1], Dir: filepath.Join(cache, "kernels", fields[1])})
-	}
-	if len(ks) == 0 {
-		return nil, fmt.Errorf("testguest: %s lists no kernels", f.Name())
-	}
-	return ks, nil
+	return kernelList(cache, "kernels.txt", "guest kernels", "testdata/guest/build.sh", "", false)
 }
 
 // KernelSeries returns the built kernel of one series ("6.1", "6.12").
