@@ -122,6 +122,14 @@ const (
 	PhaseRolledBack  = "RolledBack"
 )
 
+// Condition types of a HotPatch (Status.Conditions), set from the phase;
+// each condition's reason is the phase.
+const (
+	ConditionProgressing = "Progressing"
+	ConditionHalted      = "Halted"
+	ConditionComplete    = "Complete"
+)
+
 // HotPatchStatus is the controller's view, aggregated from the nodes.
 type HotPatchStatus struct {
 	ObservedGeneration int64  `json:"observedGeneration,omitempty"`

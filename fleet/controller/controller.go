@@ -22,6 +22,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -365,6 +366,7 @@ func (r *Reconciler) release(ctx context.Context, hp *api.HotPatch, nodes []stri
 // writeStatus writes the status when it changed: at once when the phase
 // or the wave changed, otherwise at most every MinStatusInterval.
 func (r *Reconciler) writeStatus(ctx context.Context, hp *api.HotPatch, st *api.HotPatchStatus, requeue time.Duration) (ctrl.Result, error) {
+	setConditions(st, hp.Generation)
 	if equality.Semantic.DeepEqual(&hp.Status, st) {
 		return ctrl.Result{RequeueAfter: requeue}, nil
 	}
@@ -388,4 +390,26 @@ func (r *Reconciler) writeStatus(ctx context.Context, hp *api.HotPatch, st *api.
 	r.lastWrite[key] = now
 	r.mu.Unlock()
 	return ctrl.Result{RequeueAfter: requeue}, nil
+}
+
+// setConditions sets the standard conditions from the phase, so that
+// `kubectl wait --for=condition=Complete hotpatch/NAME` and generic
+// tooling (Argo CD, kstatus) follow a rollout: Progressing while waves or
+// a rollback advance, Halted when a gate or the failure budget stopped it,
+// Complete when it is applied everywhere selected or rolled back.
+func setConditions(st *api.HotPatchStatus, gen int64) {
+	phase := st.Phase
+	if phase == "" {
+		return
+	}
+	set := func(typ string, on bool) {
+		c := metav1.Condition{Type: typ, Status: metav1.ConditionFalse, Reason: phase, Message: st.Message, ObservedGeneration: gen}
+		if on {
+			c.Status = metav1.ConditionTrue
+		}
+		meta.SetStatusCondition(&st.Conditions, c)
+	}
+	set(api.ConditionProgressing, phase == api.PhaseProgressing || phase == api.PhaseRollingBack)
+	set(api.ConditionHalted, phase == api.PhaseHalted)
+	set(api.ConditionComplete, phase == api.PhaseComplete || phase == api.PhaseRolledBack)
 }

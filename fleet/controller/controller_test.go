@@ -14,6 +14,7 @@ import (
 	"github.com/hvpatch/hvpatch/fleet/api"
 	"github.com/hvpatch/hvpatch/internal/kubetest"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -202,6 +203,7 @@ func TestRolloutAgainstAPIServer(t *testing.T) {
 	if got.Status.Counts != (api.VMCounts{Total: 200, Applied: 200}) || got.Status.Released != 4 || got.Status.Wave != 2 {
 		t.Fatalf("complete: %+v", got.Status)
 	}
+	checkConditions(t, got, api.ConditionComplete, api.PhaseComplete)
 	var nodes api.HotPatchNodeList
 	c.List(ctx, &nodes, client.MatchingLabels{api.LabelHotPatch: "cve-1"})
 	waveOf := map[string]int{}
@@ -244,6 +246,10 @@ func TestRolloutAgainstAPIServer(t *testing.T) {
 		!strings.Contains(got.Status.Message, "taint mask") || got.Status.Failures[0].Node != "node2" {
 		t.Fatalf("halted: %+v", got.Status)
 	}
+	checkConditions(t, got, api.ConditionHalted, api.PhaseHalted)
+	if c := meta.FindStatusCondition(got.Status.Conditions, api.ConditionHalted); c == nil || !strings.Contains(c.Message, "taint mask") {
+		t.Errorf("halted condition %+v lacks the gate's reason", c)
+	}
 	time.Sleep(time.Second)
 	c.Get(ctx, client.ObjectKey{Name: "cve-2"}, got)
 	if got.Status.Released != 2 {
@@ -256,6 +262,22 @@ func TestRolloutAgainstAPIServer(t *testing.T) {
 	got = waitPhase(t, c, "cve-2", api.PhaseRolledBack, 30*time.Second)
 	if got.Status.Counts.Reverted != 100 || got.Status.Counts.Applied != 0 {
 		t.Fatalf("rolled back: %+v", got.Status)
+	}
+	checkConditions(t, got, api.ConditionComplete, api.PhaseRolledBack)
+}
+
+// checkConditions: exactly the condition on is True, with the phase as its
+// reason, and the others are False.
+func checkConditions(t *testing.T, hp *api.HotPatch, on, reason string) {
+	t.Helper()
+	for _, typ := range []string{api.ConditionProgressing, api.ConditionHalted, api.ConditionComplete} {
+		c := meta.FindStatusCondition(hp.Status.Conditions, typ)
+		switch {
+		case c == nil:
+			t.Errorf("%s: no condition %s in %+v", hp.Name, typ, hp.Status.Conditions)
+		case (typ == on) != (c.Status == metav1.ConditionTrue) || c.Reason != reason || c.ObservedGeneration != hp.Generation:
+			t.Errorf("%s: condition %+v (want %s True, reason %s)", hp.Name, *c, on, reason)
+		}
 	}
 }
 
