@@ -448,6 +448,7 @@ func (dom *domain) passLocked(force bool, decl []*Declared) time.Duration {
 			if soon {
 				next = min(next, modulePoll)
 			}
+			dom.applyKernelPart(ctx, c, ps)
 			continue
 		}
 		dom.apply(ctx, c, ps)
@@ -489,7 +490,7 @@ func (dom *domain) waitModules(c *Declared, ps *patchState) (waiting, soon bool)
 		return false, false // an unreadable module list: the apply reports it
 	}
 	why := "waiting for module " + strings.Join(missing, ", ")
-	if ps.state != stateWaiting || ps.reason != why {
+	if was, _, _ := strings.Cut(ps.reason, ";"); ps.state != stateWaiting || was != why {
 		if ps.state == stateApplied {
 			dom.d.metrics.ModuleEvents.WithLabelValues("gone").Inc()
 			dom.d.log.Info("patched module unloaded: declared patch waits for it again", "domain", dom.Name(), "patch", ps.id, "file", ps.file, "modules", missing)
@@ -498,8 +499,48 @@ func (dom *domain) waitModules(c *Declared, ps *patchState) (waiting, soon bool)
 		}
 		ps.since = time.Now()
 	}
-	ps.state, ps.reason, ps.failures = stateWaiting, why, 0
+	if ps.state != stateWaiting || !strings.HasPrefix(ps.reason, why+";") {
+		ps.reason = why
+	}
+	ps.state, ps.failures = stateWaiting, 0
 	return true, settling
+}
+
+// applyKernelPart applies the kernel image edits of a declared patch that
+// waits for a module: patcher.Apply puts them in alone (and answers a no-op
+// once they are), so the kernel is fixed before the module loads, as
+// livepatch patches vmlinux at once. The reason says how it went.
+func (dom *domain) applyKernelPart(ctx context.Context, c *Declared, ps *patchState) {
+	kernel := false
+	for _, e := range c.Patch.Edits {
+		kernel = kernel || e.Module == ""
+	}
+	if !kernel || len(c.Patch.Replaces) > 0 {
+		return
+	}
+	why, _, _ := strings.Cut(ps.reason, ";")
+	res, err := dom.d.pt.Apply(ctx, dom.live.Domain, c.Patch, patcher.ApplyOptions{})
+	switch {
+	case errors.Is(err, patcher.ErrBusy):
+		return // the CLI holds the domain: next pass
+	case err != nil:
+		reason := why + "; its kernel edits could not be applied: " + err.Error()
+		if ps.reason != reason {
+			dom.d.log.Warn("kernel edits of a patch waiting for its module failed", "domain", dom.Name(), "patch", ps.id, "file", ps.file, "err", err)
+			dom.d.metrics.Applies.WithLabelValues("failed").Inc()
+		}
+		ps.reason = reason
+		return
+	}
+	if res.Freeze.Method != "" {
+		dom.d.metrics.ObserveFreeze(res.Freeze.Method, res.Freeze.Window)
+	}
+	if !res.NoOp {
+		dom.d.metrics.Applies.WithLabelValues("applied").Inc()
+		dom.d.log.Info("kernel edits of a patch waiting for its module applied", "domain", dom.Name(), "patch", ps.id, "file", ps.file,
+			"freeze_window", res.Freeze.Window, "method", res.Freeze.Method, "message", res.Message)
+	}
+	ps.reason = why + "; its kernel edits are applied"
 }
 
 // releaseModuleGone marks journaled patches of unloaded modules module

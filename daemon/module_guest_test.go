@@ -66,7 +66,8 @@ echo "$a $b $n"`
 
 // TestDaemonLateModulePatch: a patch on a function of dummy.ko (and one of
 // the kernel image) is declared while dummy is not loaded: hvpatchd
-// reports it waiting for the module. insmod in the guest: the patch takes
+// applies the kernel edit at once and reports the patch waiting for the
+// module. insmod in the guest: the patch takes
 // effect (the guest's own writes of the carrier start failing), and the
 // delay from the end of the insmod is measured in the guest and logged.
 // rmmod: the daemon sees the module go (the patch waits again, the journal
@@ -102,6 +103,13 @@ func TestDaemonLateModulePatch(t *testing.T) {
 			st, err := td.status(g.Name)
 			if err != nil || len(st.Declared) != 1 || !strings.Contains(st.Declared[0].Reason, "waiting for module dummy") {
 				t.Fatalf("status while dummy is not loaded: %+v %v", st, err)
+			}
+			// The kernel part goes in before the module loads.
+			if !strings.Contains(st.Declared[0].Reason, "kernel edits are applied") {
+				t.Fatalf("status while dummy is not loaded: reason %q, want the kernel edits applied", st.Declared[0].Reason)
+			}
+			if got := procVersionLen(t, g); got != "0" {
+				t.Fatalf("before the module loads, the kernel edit is not in place: /proc/version has %s bytes", got)
 			}
 			if n, err := td.metric(`hvpatch_domains{state="waiting"}`); err != nil || n != 1 {
 				t.Errorf("waiting domains gauge %v %v", n, err)

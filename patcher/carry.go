@@ -1,5 +1,7 @@
 package patcher
 
+import "fmt"
+
 // A patch may edit the kernel image and a module together (hvpatch build
 // makes one from a fix that touches both). When the module is unloaded
 // only its part goes (journal state module gone); the kernel image's part
@@ -30,4 +32,25 @@ func kernelEditsInPlace(t Target, jp *JournalPatch) map[uint64]JournalEdit {
 		}
 	}
 	return in
+}
+
+// kernelPart is p with only its kernel image edits: what is applied while
+// a module p edits is not loaded. A patch with no kernel edits, or one that
+// supersedes others (its module sites would be left to the old patches),
+// has no part to apply alone.
+func (p *Patch) kernelPart() (*Patch, error) {
+	if len(p.Replaces) > 0 {
+		return nil, fmt.Errorf("a patch that replaces others is applied whole")
+	}
+	kp := *p
+	kp.Edits = nil
+	for _, e := range p.Edits {
+		if e.Module == "" {
+			kp.Edits = append(kp.Edits, e)
+		}
+	}
+	if len(kp.Edits) == 0 {
+		return nil, fmt.Errorf("the patch has no kernel edits to apply before it")
+	}
+	return &kp, nil
 }

@@ -117,6 +117,18 @@ func (pt *Patcher) Apply(ctx context.Context, d Domain, p *Patch, opt ApplyOptio
 		return nil, err
 	}
 	defer lock.Unlock()
+	// A patch whose modules are not all loaded puts its kernel image part
+	// in alone (journal state module gone), as livepatch patches vmlinux
+	// at once and a module when it loads.
+	final := StateApplied
+	missing, _, _ := MissingModules(d.Target, p)
+	if len(missing) > 0 {
+		kp, err := p.kernelPart()
+		if err != nil {
+			return nil, fmt.Errorf("domain %s: patch %s: module %s is not loaded in the guest; %w", d.Name, p.ID, strings.Join(missing, ", "), err)
+		}
+		p, final = kp, StateModuleGone
+	}
 	var carried map[uint64]JournalEdit // kernel edits of a module-gone apply, still in place
 	if old := j.Find(p.ID); old != nil && old.State == StateModuleGone {
 		// Applied before to a module since unloaded: its code leaves the
@@ -125,6 +137,11 @@ func (pt *Patcher) Apply(ctx context.Context, d Domain, p *Patch, opt ApplyOptio
 			return nil, fmt.Errorf("domain %s: patch %s: the code of its apply to the unloaded module is still in the code area: %w", d.Name, p.ID, err)
 		}
 		carried = kernelEditsInPlace(d.Target, old)
+		if final == StateModuleGone && len(carried) == len(p.Edits) && len(carried) == len(kernelEdits(old)) {
+			return &Result{PatchID: p.ID, NoOp: true, Reconciled: st.Differences(), Message: fmt.Sprintf(
+				"patch %s: its %d kernel edit(s) are applied on domain %s; its edits of module %s wait for the module",
+				p.ID, len(p.Edits), d.Name, strings.Join(missing, ", "))}, nil
+		}
 		j.remove(p.ID)
 	}
 	pl, err := pt.plan(d, j, st.BootID, p, opt.PlanOptions)
@@ -159,7 +176,7 @@ func (pt *Patcher) Apply(ctx context.Context, d Domain, p *Patch, opt ApplyOptio
 	if pl.AlreadyApplied() {
 		// Memory holds the patch but the journal does not (say it) for this
 		// boot: record it so that it can be reverted.
-		j.put(pt.entry(pl, StateApplied, "", 0))
+		j.put(pt.entry(pl, final, "", 0))
 		if err := pt.State.Save(j); err != nil {
 			return nil, err
 		}
@@ -197,7 +214,7 @@ func (pt *Patcher) Apply(ctx context.Context, d Domain, p *Patch, opt ApplyOptio
 		}
 		return res, fmt.Errorf("domain %s: applying %s: %w", d.Name, p.ID, err)
 	}
-	entry := pt.entry(pl, StateApplied, wd.Writer.Name(), fr.Window)
+	entry := pt.entry(pl, final, wd.Writer.Name(), fr.Window)
 	if res.Consistency != nil {
 		entry.Tries = res.Consistency.Tries
 	}
@@ -214,6 +231,9 @@ func (pt *Patcher) Apply(ctx context.Context, d Domain, p *Patch, opt ApplyOptio
 		return res, fmt.Errorf("domain %s: patch %s is applied but the journal could not be saved: %w", d.Name, p.ID, err)
 	}
 	res.Message = fmt.Sprintf("patch %s applied on domain %s: %d edit(s), guest frozen %v (%s)", p.ID, d.Name, len(pl.Edits), fr.Window, fr.Method)
+	if final == StateModuleGone {
+		res.Message += fmt.Sprintf("; these are its kernel edits: its edits of module %s wait for the module", strings.Join(missing, ", "))
+	}
 	if c := res.Consistency; c != nil {
 		res.Message += fmt.Sprintf("; consistency: stack checked in %d stop(s) through %s", c.Tries, c.Writer)
 	}

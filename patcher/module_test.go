@@ -214,8 +214,10 @@ func (f *fakeTarget) poke(va uint64, b []byte) error {
 }
 
 // TestMixedPatchModuleGone: a patch on a kernel function and a module
-// function. The module goes: the kernel's edit stays in place (the journal
-// says module gone). The module comes back: the apply writes the module's
+// function. Applied before the module is loaded: the kernel's edit goes in
+// alone (journal: module gone), and applying again changes nothing. The
+// module loads: the apply writes the module's edit. The module goes: the
+// kernel's edit stays in place (the journal says module gone). The module comes back: the apply writes the module's
 // edit only and carries the kernel's over, whose revert still restores
 // the original bytes. The module goes again: a revert restores the kernel
 // function, which was left patched before this was handled.
@@ -234,11 +236,30 @@ func TestMixedPatchModuleGone(t *testing.T) {
 	mod.Module = "dummy"
 	p.Edits = append(p.Edits, mod)
 
+	// Not loaded yet: the kernel part alone, once.
+	delete(mt.mods, "dummy")
+	part, err := pt.Apply(ctx, d, p, ApplyOptions{})
+	if err != nil {
+		t.Fatalf("apply with the module not loaded: %v", err)
+	}
+	if len(part.Plan.Edits) != 1 || part.Plan.Edits[0].Symbol != "version_proc_show" || !strings.Contains(part.Message, "wait for the module") {
+		t.Fatalf("apply with the module not loaded: %s %+v", part.Message, part.Plan.Edits)
+	}
+	if again, err := pt.Apply(ctx, d, p, ApplyOptions{}); err != nil || !again.NoOp {
+		t.Fatalf("second apply with the module not loaded: %+v %v", again, err)
+	}
+	mt.mods["dummy"] = carrier
 	res, err := pt.Apply(ctx, d, p, ApplyOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
+	if !res.Plan.Edits[0].Applied || res.Plan.Edits[1].Applied {
+		t.Fatalf("module loaded: want the kernel edit carried and the module edit written: %+v", res.Plan.Edits)
+	}
 	kern, modEdit := res.Plan.Edits[0], res.Plan.Edits[1]
+	if string(kern.Old) != string(part.Plan.Edits[0].Old) {
+		t.Fatalf("the carried kernel edit restores % x, its first apply found % x", kern.Old, part.Plan.Edits[0].Old)
+	}
 	read := func(e PlannedEdit) string {
 		t.Helper()
 		b := make([]byte, len(e.New))
