@@ -266,6 +266,11 @@ func (pt *Patcher) Plan(d Domain, p *Patch, opt PlanOptions) (*Plan, error) {
 	if err != nil {
 		return nil, fmt.Errorf("domain %s: %w", d.Name, err)
 	}
+	if missing, _, _ := MissingModules(d.Target, p); len(missing) > 0 {
+		if kp, err := p.kernelPart(); err == nil {
+			p = kp // what Apply writes now (its kernel edits)
+		}
+	}
 	return pt.plan(d, j, bootID, p, opt)
 }
 
