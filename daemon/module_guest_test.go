@@ -144,6 +144,19 @@ func TestDaemonLateModulePatch(t *testing.T) {
 					t.Fatalf("round %d: the kernel edit went with the module: /proc/version has %s bytes", round, got)
 				}
 			}
+			// Undeclared first (the file removed: it stays applied), so
+			// that the daemon does not put the kernel part back after
+			// the revert.
+			os.Remove(filepath.Join(td.patchDir, file))
+			for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+				st, err := td.status(g.Name)
+				if err == nil && len(st.Declared) == 0 {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("patch file removed, still declared: %+v %v", st.Declared, err)
+				}
+			}
 			var res service.PatchResult
 			if err := td.do(http.MethodPost, "/domains/"+g.Name+"/revert", service.RevertRequest{ID: "dummy-carrier-lock"}, &res); err != nil {
 				t.Fatalf("revert with the module gone: %v", err)
