@@ -4,7 +4,8 @@
  * longer than the bare metadata (a pidfd info record follows). FIONREAD on
  * the unfixed kernel counts only the metadata, so it reports fewer bytes than
  * read() then returns; the fixed kernel reports the full length.
- * Prints VULNERABLE or FIXED; anything else is a test error. */
+ * Prints VULNERABLE or FIXED; anything else is a test error. The file is
+ * per process: the tests run copies on every vCPU at once. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -17,15 +18,15 @@
 #define FAN_REPORT_PIDFD 0x00000080
 #endif
 
-#define FILE_ "/tmp/repro-fanotify"
-
 int main(void)
 {
-	char buf[4096];
+	char buf[4096], path[64];
 	int fan, fd, avail = -1, ret = 2;
 	ssize_t n;
 
-	fd = open(FILE_, O_CREAT | O_RDWR, 0600);
+	snprintf(path, sizeof path, "/tmp/repro-fanotify.%d", (int)getpid());
+
+	fd = open(path, O_CREAT | O_RDWR, 0600);
 	if (fd < 0) {
 		printf("ERROR create: %s\n", strerror(errno));
 		return 2;
@@ -36,11 +37,11 @@ int main(void)
 		printf("ERROR fanotify_init: %s\n", strerror(errno));
 		goto out;
 	}
-	if (fanotify_mark(fan, FAN_MARK_ADD, FAN_CLOSE_WRITE, AT_FDCWD, FILE_) < 0) {
+	if (fanotify_mark(fan, FAN_MARK_ADD, FAN_CLOSE_WRITE, AT_FDCWD, path) < 0) {
 		printf("ERROR fanotify_mark: %s\n", strerror(errno));
 		goto out;
 	}
-	fd = open(FILE_, O_WRONLY);
+	fd = open(path, O_WRONLY);
 	if (fd < 0) {
 		printf("ERROR open: %s\n", strerror(errno));
 		goto out;
@@ -72,6 +73,6 @@ int main(void)
 		printf("ERROR FIONREAD %d, read %zd\n", avail, n);
 	}
 out:
-	unlink(FILE_);
+	unlink(path);
 	return ret;
 }

@@ -3,7 +3,8 @@
  * On a private tmpfs, a file is made immutable (chattr +i through
  * FS_IOC_SETFLAGS) and opened read-only; setting a write-lifetime hint on it
  * changes the inode on an unfixed kernel and fails with EPERM on a fixed one.
- * Prints VULNERABLE or FIXED; anything else is a test error. */
+ * Prints VULNERABLE or FIXED; anything else is a test error. The tmpfs is
+ * per process: the tests run copies on every vCPU at once. */
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/fs.h>
@@ -22,8 +23,6 @@
 #define RWH_WRITE_LIFE_SHORT 2
 #endif
 
-#define DIR "/tmp/repro-rw-hint"
-#define FILE_ DIR "/f"
 
 static int setflags(int fd, int flags) { return ioctl(fd, FS_IOC_SETFLAGS, &flags); }
 
@@ -31,19 +30,23 @@ int main(void)
 {
 	uint64_t hint = RWH_WRITE_LIFE_SHORT;
 	int fd, r, err, ret = 2;
+	char dir[64], path[80];
 
-	mkdir(DIR, 0700);
-	if (mount("tmpfs", DIR, "tmpfs", 0, "size=64k") < 0) {
+	snprintf(dir, sizeof dir, "/tmp/repro-rw-hint.%d", (int)getpid());
+	snprintf(path, sizeof path, "%s/f", dir);
+
+	mkdir(dir, 0700);
+	if (mount("tmpfs", dir, "tmpfs", 0, "size=64k") < 0) {
 		printf("ERROR mount tmpfs: %s\n", strerror(errno));
 		return 2;
 	}
-	fd = open(FILE_, O_CREAT | O_RDWR, 0600);
+	fd = open(path, O_CREAT | O_RDWR, 0600);
 	if (fd < 0 || setflags(fd, FS_IMMUTABLE_FL) < 0) {
 		printf("ERROR making an immutable file: %s\n", strerror(errno));
 		goto out;
 	}
 	close(fd);
-	fd = open(FILE_, O_RDONLY);
+	fd = open(path, O_RDONLY);
 	if (fd < 0) {
 		printf("ERROR open: %s\n", strerror(errno));
 		goto out;
@@ -62,8 +65,8 @@ int main(void)
 	setflags(fd, 0);
 	close(fd);
 out:
-	unlink(FILE_);
-	umount(DIR);
-	rmdir(DIR);
+	unlink(path);
+	umount(dir);
+	rmdir(dir);
 	return ret;
 }
