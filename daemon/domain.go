@@ -21,10 +21,11 @@ import (
 // opTimeout bounds one operation on a domain (open, apply, revert).
 const opTimeout = 2 * time.Minute
 
-// systemRunning is SYSTEM_RUNNING of the kernel's enum system_states (the
-// same value in every kernel since 5.x): init is running, boot-time code
-// patching (alternatives, ftrace's NOPs, static keys, initmem freeing) is
-// over. Patching earlier would race with the kernel's own code changes.
+// systemRunning is SYSTEM_RUNNING of the kernel's enum system_states when
+// the guest's BTF does not say: init is running, boot-time code patching
+// (alternatives, ftrace's NOPs, static keys, initmem freeing) is over.
+// Patching earlier would race with the kernel's own code changes. The
+// value moved: 2 before SYSTEM_FREEING_INITMEM was added (5.10), 3 since.
 const systemRunning = 3
 
 // Patch states of a declared patch on a domain.
@@ -243,9 +244,15 @@ func (dom *domain) ensureLive(ctx context.Context, forPatch bool) error {
 		dom.dropLive()
 		return errNotRunning{st}
 	}
-	if dom.live != nil && !dom.fresh(ctx) {
-		dom.d.log.Info("guest rebooted: kernel changed", "domain", dom.Name())
-		dom.dropLive()
+	if dom.live != nil {
+		changed, err := dom.changed(ctx)
+		if err != nil {
+			return err // the monitor failed us: the next pass looks again
+		}
+		if changed != "" {
+			dom.d.log.Info("guest rebooted: kernel changed", "domain", dom.Name(), "why", changed)
+			dom.dropLive()
+		}
 	}
 	if dom.live == nil {
 		pid, err := dom.hv.QEMUPid(ctx)
@@ -289,44 +296,71 @@ func kernelRunning(k *introspect.Kernel) bool {
 	if err != nil {
 		return true // cannot tell: assume a kernel found whole is up
 	}
+	want := int64(systemRunning)
+	if v, err := introspect.EnumValue(k.BTF, "system_states", "SYSTEM_RUNNING"); err == nil {
+		want = v
+	}
 	var b [4]byte
 	if k.AS.ReadVirt(addr, b[:]) != nil {
 		return false
 	}
-	return uint32(b[0])|uint32(b[1])<<8|uint32(b[2])<<16|uint32(b[3])<<24 == systemRunning
+	return int64(uint32(b[0])|uint32(b[1])<<8|uint32(b[2])<<16|uint32(b[3])<<24) == want
 }
 
-// fresh tells whether the cached kernel is still the one the guest runs.
-// The cached page walk cannot tell (after a reset the old kernel's memory
-// is still there, untouched), so the kernel image is looked up again
-// through the page tables a vCPU uses now, and the boot identity is read.
-func (dom *domain) fresh(ctx context.Context) bool {
+// changed says why the cached kernel is no longer the one the guest runs
+// ("" while it is). The cached page walk cannot tell (after a reset the old
+// kernel's memory is still there, untouched), so the kernel image is looked
+// up again through the page tables a vCPU uses now, and the boot identity
+// is read. A monitor that does not answer is an error, not a reboot: right
+// after a gdbstub session it was seen to fail a query, and dropping the
+// kernel then cost a re-attach and the module signal.
+func (dom *domain) changed(ctx context.Context) (string, error) {
 	pid, err := dom.hv.QEMUPid(ctx)
-	if err != nil || pid != dom.pid {
-		return false
+	if err != nil {
+		return "", fmt.Errorf("domain %s: QEMU pid: %w", dom.Name(), err)
+	}
+	if pid != dom.pid {
+		return fmt.Sprintf("QEMU pid %d, was %d", pid, dom.pid), nil
 	}
 	cpus, err := dom.hv.CPUs(ctx)
 	if err != nil {
-		return false
+		return "", fmt.Errorf("domain %s: vCPU registers: %w", dom.Name(), err)
 	}
 	k := dom.live.Kernel
 	ok := false
-	for _, c := range cpus {
+	for i, c := range cpus {
 		if c.CR0&(1<<31) == 0 || c.EFER&(1<<10) == 0 { // paging off, or not in long mode: firmware or early boot
 			continue
 		}
-		as := introspect.NewAddressSpace(dom.live.Mem, introspect.KernelCR3(c.CR3), c.CR4&hypervisor.CR4LA57 != 0)
-		tr, err := as.Translate(k.TextStart)
-		if err != nil || tr.GPA != k.PhysBase {
-			return false
+		// Bit 12 of CR3 selects PTI's user copy of the PGD, or is part of
+		// the PGD's address when PTI is off (a 7.x guest on this CPU
+		// model): both readings are tried, as the attach does.
+		var tr introspect.Translation
+		for _, root := range []uint64{introspect.KernelCR3(c.CR3), c.CR3} {
+			as := introspect.NewAddressSpace(dom.live.Mem, root, c.CR4&hypervisor.CR4LA57 != 0)
+			if tr, err = as.Translate(k.TextStart); err == nil {
+				break
+			}
+		}
+		if err != nil {
+			return fmt.Sprintf("vCPU %d (CR3 %#x) does not map the kernel text at %#x: %v", i, c.CR3, k.TextStart, err), nil
+		}
+		if tr.GPA != k.PhysBase {
+			return fmt.Sprintf("vCPU %d (CR3 %#x) maps the kernel text at gpa %#x, was %#x", i, c.CR3, tr.GPA, k.PhysBase), nil
 		}
 		ok = true
 	}
 	if !ok {
-		return false
+		return "no vCPU has paging on in long mode", nil
 	}
 	id, err := patcher.BootIdentity(dom.live.Target)
-	return err == nil && id == dom.bootID
+	if err != nil {
+		return fmt.Sprintf("boot identity: %v", err), nil
+	}
+	if id != dom.bootID {
+		return fmt.Sprintf("boot identity %s, was %s", id, dom.bootID), nil
+	}
+	return "", nil
 }
 
 // withLive runs f with the domain's kernel, one operation at a time. A

@@ -171,8 +171,14 @@ func TestDaemonLateModulePatch(t *testing.T) {
 			if n, err := td.metric(`hvpatch_module_events_total{event="gone"}`); err != nil || n < 2 {
 				t.Errorf("gone events %v %v, want 2", n, err)
 			}
+			// The guest never reboots here: a reboot seen is a false one
+			// (on 7.x a vCPU's CR3 with bit 12 set and PTI off was once
+			// taken for a new kernel, right after each gdbstub session).
+			if strings.Contains(td.log(), "guest rebooted") {
+				t.Errorf("hvpatchd saw a reboot that did not happen")
+			}
 			for _, l := range strings.Split(td.log(), "\n") {
-				if strings.Contains(l, "since_module_signal") {
+				if strings.Contains(l, "since_module_signal") || os.Getenv("HVPATCH_TEST_DAEMONLOG") != "" {
 					t.Logf("hvpatchd: %s", l)
 				}
 			}

@@ -109,6 +109,31 @@ func SizeOf(spec *btf.Spec, name string) (uint64, error) {
 
 // compositeByName finds the complete definition of a struct or union
 // (forward declarations and same-named typedefs are skipped).
+// EnumValue returns the value of one enumerator of a named enum
+// ("system_states", "SYSTEM_RUNNING"): enums gain members between kernel
+// versions, so a value is read from the guest's BTF rather than assumed.
+func EnumValue(spec *btf.Spec, enum, name string) (int64, error) {
+	if spec == nil {
+		return 0, ErrNoBTF
+	}
+	var e *btf.Enum
+	if err := spec.TypeByName(enum, &e); err != nil {
+		return 0, fmt.Errorf("BTF enum %s: %w", enum, err)
+	}
+	for _, v := range e.Values {
+		if v.Name == name {
+			if e.Signed {
+				return int64(v.Value), nil
+			}
+			if v.Value > 1<<63-1 {
+				return 0, fmt.Errorf("BTF enum %s: %s = %d does not fit an int64", enum, name, v.Value)
+			}
+			return int64(v.Value), nil
+		}
+	}
+	return 0, fmt.Errorf("BTF enum %s has no %s", enum, name)
+}
+
 func compositeByName(spec *btf.Spec, name string) (btf.Type, error) {
 	types, err := spec.AnyTypesByName(name)
 	if err != nil {

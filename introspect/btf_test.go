@@ -45,7 +45,11 @@ func testSpec(t *testing.T) *btf.Spec {
 		{Name: "thread", Type: thread, Offset: 384},
 		{Name: "mem", Type: &btf.Array{Index: u32, Type: memory, Nelems: 3}, Offset: 512},
 	}}
-	b, err := btf.NewBuilder([]btf.Type{task, &btf.Fwd{Name: "module"}}, nil)
+	// As in 5.10: SYSTEM_RUNNING is 2 (6.1 added SYSTEM_FREEING_INITMEM before it).
+	states := &btf.Enum{Name: "system_states", Size: 4, Values: []btf.EnumValue{
+		{Name: "SYSTEM_BOOTING", Value: 0}, {Name: "SYSTEM_SCHEDULING", Value: 1}, {Name: "SYSTEM_RUNNING", Value: 2},
+	}}
+	b, err := btf.NewBuilder([]btf.Type{task, &btf.Fwd{Name: "module"}, states}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -106,5 +110,20 @@ func TestFieldOf(t *testing.T) {
 	}
 	if _, err := FieldOf(nil, "task_struct.pid"); err != ErrNoBTF {
 		t.Errorf("FieldOf without BTF: %v", err)
+	}
+}
+
+func TestEnumValue(t *testing.T) {
+	spec := testSpec(t)
+	if v, err := EnumValue(spec, "system_states", "SYSTEM_RUNNING"); err != nil || v != 2 {
+		t.Fatalf("SYSTEM_RUNNING = %d, %v; want 2", v, err)
+	}
+	for _, c := range [][2]string{{"system_states", "SYSTEM_FREEING_INITMEM"}, {"no_such_enum", "X"}, {"task_struct", "tasks"}} {
+		if v, err := EnumValue(spec, c[0], c[1]); err == nil {
+			t.Errorf("%s.%s = %d, want an error", c[0], c[1], v)
+		}
+	}
+	if _, err := EnumValue(nil, "system_states", "SYSTEM_RUNNING"); err != ErrNoBTF {
+		t.Errorf("nil spec: %v", err)
 	}
 }
