@@ -23,13 +23,18 @@ const (
 	FunctionSections
 )
 
-// journal records a source file Compile has replaced, so that a process
-// killed in the middle leaves enough to put the original back: the next
-// Compile on the tree restores it first.
+// journal records what a Compile changes in the tree, so that a process
+// killed in the middle (its make and compiler run on, in their own process
+// group) leaves enough to undo it: the next Compile on the tree puts back
+// the source it replaced and removes the object it was making.
 type journal struct {
 	Rel     string
-	Content []byte
+	Content []byte // the original source, when Compile replaced it
 	ModTime time.Time
+	// Object is the object being built, HadObject whether it was there
+	// before (then Compile itself puts it back).
+	Object    string `json:",omitempty"`
+	HadObject bool   `json:",omitempty"`
 }
 
 const journalFile = ".hvpatch-ksource-restore.json"
@@ -90,16 +95,18 @@ func (t *Tree) Compile(ctx context.Context, rel string, content []byte, mode Mod
 		os.Remove(obj)
 	}
 
+	j := journal{Rel: rel, ModTime: st.ModTime(), Object: objRel, HadObject: before[filepath.Base(obj)]}
 	if content != nil {
-		orig, err := os.ReadFile(src)
-		if err != nil {
+		if j.Content, err = os.ReadFile(src); err != nil {
 			return nil, fmt.Errorf("ksource: %w", err)
 		}
-		js, _ := json.Marshal(journal{Rel: rel, Content: orig, ModTime: st.ModTime()})
-		if err := os.WriteFile(filepath.Join(t.Dir, journalFile), js, 0o644); err != nil {
-			return nil, fmt.Errorf("ksource: %w", err)
-		}
-		defer t.restoreJournal()
+	}
+	js, _ := json.Marshal(j)
+	if err := os.WriteFile(filepath.Join(t.Dir, journalFile), js, 0o644); err != nil {
+		return nil, fmt.Errorf("ksource: %w", err)
+	}
+	defer t.restoreJournal()
+	if content != nil {
 		if err := os.WriteFile(src, content, st.Mode().Perm()); err != nil {
 			return nil, fmt.Errorf("ksource: %w", err)
 		}
@@ -147,10 +154,20 @@ func (t *Tree) restoreJournal() error {
 	if err != nil {
 		return err
 	}
-	if err := os.WriteFile(src, j.Content, 0o644); err != nil {
-		return fmt.Errorf("ksource: restoring %s: %w", j.Rel, err)
+	if j.Content != nil {
+		if err := os.WriteFile(src, j.Content, 0o644); err != nil {
+			return fmt.Errorf("ksource: restoring %s: %w", j.Rel, err)
+		}
+		os.Chtimes(src, j.ModTime, j.ModTime)
 	}
-	os.Chtimes(src, j.ModTime, j.ModTime)
+	if j.Object != "" && !j.HadObject {
+		obj, err := t.path(j.Object)
+		if err != nil {
+			return err
+		}
+		os.Remove(obj)
+		os.Remove(filepath.Join(filepath.Dir(obj), "."+filepath.Base(obj)+".cmd"))
+	}
 	return os.Remove(p)
 }
 
