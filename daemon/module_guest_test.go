@@ -79,16 +79,12 @@ echo "$a $b $n"`
 // 5.10, 6.12+deb13 and 7.x.
 func TestDaemonLateModulePatch(t *testing.T) {
 	testguest.Need(t)
-	ks, err := testguest.Kernels()
-	if err != nil {
-		t.Fatal(err)
-	}
-	extra, err := testguest.ExtraKernels()
+	ks, err := testguest.AllKernels()
 	if err != nil {
 		t.Fatal(err)
 	}
 	only := os.Getenv("HVPATCH_TEST_SERIES")
-	for _, k := range append(ks, extra...) {
+	for _, k := range ks {
 		series := k.Series
 		if only != "" && series != only {
 			continue

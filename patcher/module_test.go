@@ -111,13 +111,8 @@ func TestModuleFieldValidated(t *testing.T) {
 // patch on the new copy. The same base with the original bytes back at
 // the site is a reload too.
 func TestModuleGoneAndBack(t *testing.T) {
-	ft := loadFixture(t, "6.1")
-	host := ft.sym(t, "cmdline_proc_show")
-	carrier := []Symbol{{Name: "dummy_change_carrier", Addr: host.Addr, Size: host.Size}}
-	mt := &modTarget{fakeTarget: ft, mods: map[string][]Symbol{"dummy": carrier}, bases: map[string]uint64{}}
-	d, _, _, pt := fakeDomain(t, "6.1")
-	d.Target = mt
-	d.Writer = &fakeWriter{t: ft}
+	d, mt, carrier, pt := dummyLoaded(t)
+	ft := mt.fakeTarget
 	ctx := context.Background()
 	p := returnPatch("dummy_change_carrier", -1)
 	p.Edits[0].Module = "dummy"
@@ -213,22 +208,28 @@ func (f *fakeTarget) poke(va uint64, b []byte) error {
 	return nil
 }
 
-// TestMixedPatchModuleGone: a patch on a kernel function and a module
-// function. Applied before the module is loaded: the kernel's edit goes in
-// alone (journal: module gone), and applying again changes nothing. The
-// module loads: the apply writes the module's edit. The module goes: the
-// kernel's edit stays in place (the journal says module gone). The module comes back: the apply writes the module's
-// edit only and carries the kernel's over, whose revert still restores
-// the original bytes. The module goes again: a revert restores the kernel
-// function, which was left patched before this was handled.
-func TestMixedPatchModuleGone(t *testing.T) {
-	ft := loadFixture(t, "6.1")
+// dummyLoaded is a fake 6.1 domain with module dummy loaded (at 0x1000):
+// its dummy_change_carrier stands over the bytes of cmdline_proc_show.
+func dummyLoaded(t *testing.T) (Domain, *modTarget, []Symbol, *Patcher) {
+	d, ft, _, pt := fakeDomain(t, "6.1")
 	host := ft.sym(t, "cmdline_proc_show")
 	carrier := []Symbol{{Name: "dummy_change_carrier", Addr: host.Addr, Size: host.Size}}
 	mt := &modTarget{fakeTarget: ft, mods: map[string][]Symbol{"dummy": carrier}, bases: map[string]uint64{}}
-	d, _, _, pt := fakeDomain(t, "6.1")
 	d.Target = mt
-	d.Writer = &fakeWriter{t: ft}
+	return d, mt, carrier, pt
+}
+
+// TestMixedPatchModuleGone: a patch on a kernel function and a module
+// function. Applied before the module is loaded: the kernel's edit goes in
+// alone (journal: module gone), and applying again changes nothing. The
+// module loads: the apply writes the module's edit only and carries the
+// kernel's over, whose revert still restores the original bytes. The
+// module goes: the kernel's edit stays (the journal says module gone). It
+// comes back: the same again. It goes again: a revert restores the kernel
+// function, which was left patched before this was handled.
+func TestMixedPatchModuleGone(t *testing.T) {
+	d, mt, carrier, pt := dummyLoaded(t)
+	ft := mt.fakeTarget
 	ctx := context.Background()
 	p := returnPatch("version_proc_show", 0)
 	p.ID = "mixed"

@@ -42,6 +42,20 @@ func ExtraKernels() ([]Kernel, error) {
 	return extraSet, extraErr
 }
 
+// AllKernels returns Kernels and then ExtraKernels: one guest kernel of
+// every Debian series, for tests that must hold on all of them.
+func AllKernels() ([]Kernel, error) {
+	ks, err := Kernels()
+	if err != nil {
+		return nil, err
+	}
+	extra, err := ExtraKernels()
+	if err != nil {
+		return nil, err
+	}
+	return append(ks, extra...), nil
+}
+
 // ExtraKernel returns the extra kernel with one label ("5.10", "6.12-deb13", "7.x").
 func ExtraKernel(label string) (Kernel, error) {
 	ks, err := ExtraKernels()
