@@ -128,17 +128,11 @@ func TestModuleGoneAndBack(t *testing.T) {
 	}
 	state := func() PatchStatus {
 		t.Helper()
-		st, err := pt.Reconcile(d)
-		if err != nil {
-			t.Fatal(err)
+		ps := reconciled(t, pt, d, p.ID)
+		if ps == nil {
+			t.Fatalf("%s not in the journal", p.ID)
 		}
-		for _, ps := range st.Patches {
-			if ps.Entry.ID == p.ID {
-				return ps
-			}
-		}
-		t.Fatalf("%s not in the journal: %+v", p.ID, st.Patches)
-		return PatchStatus{}
+		return *ps
 	}
 	if ps := state(); ps.Memory != MemApplied {
 		t.Fatalf("applied: memory %s", ps.Memory)
@@ -208,6 +202,22 @@ func (f *fakeTarget) poke(va uint64, b []byte) error {
 	return nil
 }
 
+// reconciled reconciles d's journal and returns patch id's status, nil
+// when the journal no longer has it.
+func reconciled(t *testing.T, pt *Patcher, d Domain, id string) *PatchStatus {
+	t.Helper()
+	st, err := pt.Reconcile(d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ps := range st.Patches {
+		if ps.Entry.ID == id {
+			return &ps
+		}
+	}
+	return nil
+}
+
 // dummyLoaded is a fake 6.1 domain with module dummy loaded (at 0x1000):
 // its dummy_change_carrier stands over the bytes of cmdline_proc_show.
 func dummyLoaded(t *testing.T) (Domain, *modTarget, []Symbol, *Patcher) {
@@ -271,14 +281,8 @@ func TestMixedPatchModuleGone(t *testing.T) {
 	}
 	entry := func() *JournalPatch {
 		t.Helper()
-		st, err := pt.Reconcile(d)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, ps := range st.Patches {
-			if ps.Entry.ID == p.ID {
-				return &ps.Entry
-			}
+		if ps := reconciled(t, pt, d, p.ID); ps != nil {
+			return &ps.Entry
 		}
 		return nil
 	}
