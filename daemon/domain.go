@@ -545,12 +545,8 @@ func (dom *domain) waitModules(c *Declared, ps *patchState) (waiting, soon bool)
 // once they are), so the kernel is fixed before the module loads, as
 // livepatch patches vmlinux at once. The reason says how it went.
 func (dom *domain) applyKernelPart(ctx context.Context, c *Declared, ps *patchState) {
-	kernel := false
-	for _, e := range c.Patch.Edits {
-		kernel = kernel || e.Module == ""
-	}
-	if !kernel || len(c.Patch.Replaces) > 0 {
-		return
+	if _, err := c.Patch.KernelPart(); err != nil {
+		return // nothing to apply before the module: the patch waits whole
 	}
 	why, _, _ := strings.Cut(ps.reason, ";")
 	res, err := dom.d.pt.Apply(ctx, dom.live.Domain, c.Patch, patcher.ApplyOptions{})

@@ -34,11 +34,11 @@ func kernelEditsInPlace(t Target, jp *JournalPatch) map[uint64]JournalEdit {
 	return in
 }
 
-// kernelPart is p with only its kernel image edits: what is applied while
+// KernelPart is p with only its kernel image edits: what is applied while
 // a module p edits is not loaded. A patch with no kernel edits, or one that
 // supersedes others (its module sites would be left to the old patches),
 // has no part to apply alone.
-func (p *Patch) kernelPart() (*Patch, error) {
+func (p *Patch) KernelPart() (*Patch, error) {
 	if len(p.Replaces) > 0 {
 		return nil, fmt.Errorf("a patch that replaces others is applied whole")
 	}

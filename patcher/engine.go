@@ -123,7 +123,7 @@ func (pt *Patcher) Apply(ctx context.Context, d Domain, p *Patch, opt ApplyOptio
 	final := StateApplied
 	missing, _, _ := MissingModules(d.Target, p)
 	if len(missing) > 0 {
-		kp, err := p.kernelPart()
+		kp, err := p.KernelPart()
 		if err != nil {
 			return nil, fmt.Errorf("domain %s: patch %s: module %s is not loaded in the guest; %w", d.Name, p.ID, strings.Join(missing, ", "), err)
 		}
@@ -267,7 +267,7 @@ func (pt *Patcher) Plan(d Domain, p *Patch, opt PlanOptions) (*Plan, error) {
 		return nil, fmt.Errorf("domain %s: %w", d.Name, err)
 	}
 	if missing, _, _ := MissingModules(d.Target, p); len(missing) > 0 {
-		if kp, err := p.kernelPart(); err == nil {
+		if kp, err := p.KernelPart(); err == nil {
 			p = kp // what Apply writes now (its kernel edits)
 		}
 	}
